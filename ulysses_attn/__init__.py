@@ -1,0 +1,35 @@
+"""DeepSpeed-Ulysses sequence parallelism for HuggingFace models, as an attention backend.
+
+>>> import ulysses_attn
+>>> model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="ulysses_flash")
+>>> ulysses_attn.enable(sp_size=4)      # or: python -m ulysses_attn.launch --sp-size 4 train.py
+"""
+
+from .compat import ATTN_IMPLEMENTATION, register
+from .groups import (
+    SequenceParallel,
+    destroy_sequence_parallel,
+    get_sequence_parallel,
+    init_sequence_parallel,
+)
+from .data import UlyssesCollator, UlyssesSampler, shard_batch
+from .kernels import available_kernels, set_kernel
+from .loss import causal_lm_loss, sp_sum
+
+register()
+
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "SequenceParallel",
+    "init_sequence_parallel",
+    "get_sequence_parallel",
+    "destroy_sequence_parallel",
+    "UlyssesSampler",
+    "UlyssesCollator",
+    "shard_batch",
+    "causal_lm_loss",
+    "sp_sum",
+    "set_kernel",
+    "available_kernels",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,242 @@
+"""The ``"ulysses_flash"`` attention function and its mask function.
+
+Per layer, with an SP group of size P (shapes in the HF layout ``[B, heads, seq, D]``)::
+
+    q [B, H, S/P, D]  --all-to-all-->  [B, H/P, S, D]  \\
+    k [B, Hkv, S/P, D] (repeat if Hkv % P) --> [B, Hkv'/P, S, D]  >-- attention over the full S
+    v  "                                                   "    /
+    out [B, H/P, S, D] --all-to-all--> [B, H, S/P, D] -> returned as [B, S/P, H, D]
+
+Which tokens attend to which (documents of a packed row, padding) is computed once per forward
+from the *global* ``position_ids`` (gathered over the group) or from ``cu_seq_lens_q`` when the
+caller gives them, and cached for the remaining layers. Without an SP group (or P = 1) the same
+code runs without communication, as a plain attention backend.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+
+import torch
+from .comm import all_gather_seq, gather_heads_scatter_seq, gather_seq_scatter_heads
+from .groups import get_sequence_parallel
+from .kernels import Layout, attend, layout_from_positions
+
+__all__ = ["ulysses_flash_attention", "ulysses_flash_mask", "kv_replication", "check_heads"]
+
+
+def check_heads(num_heads: int, num_kv_heads: int, sp_size: int) -> None:
+    """Raise a helpful error when ``num_heads`` cannot be split over ``sp_size`` ranks."""
+    if num_heads % sp_size != 0:
+        ok = [p for p in range(1, num_heads + 1) if num_heads % p == 0]
+        raise ValueError(
+            f"Ulysses sequence parallelism splits attention heads over the group: the model has {num_heads} "
+            f"query heads, which the sequence-parallel size {sp_size} does not divide. "
+            f"Use a sequence-parallel size in {ok} (it must also divide the world size)."
+        )
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_key_value_heads ({num_kv_heads}).")
+
+
+def kv_replication(num_heads: int, num_kv_heads: int, sp_size: int) -> int:
+    """How many times each KV head is repeated so that KV heads split evenly over ``sp_size`` ranks
+    while every rank's query heads still find their KV heads locally (GQA/MQA with Hkv < P)."""
+    return math.lcm(num_kv_heads, sp_size) // num_kv_heads
+
+
+class _LayoutCache:
+    """Holds the layout of the current forward: the model passes the same ``position_ids`` /
+    ``attention_mask`` tensors to every layer, so their identity keys the cache (recomputed
+    layers under gradient checkpointing hit it too)."""
+
+    def __init__(self):
+        self.refs: tuple = ()
+        self.meta: tuple = ()
+        self.layout: Layout | None = None
+
+    @staticmethod
+    def _refs(tensors):
+        return tuple(None if t is None else weakref.ref(t) for t in tensors)
+
+    def get(self, tensors, meta):
+        if self.layout is None or meta != self.meta or len(tensors) != len(self.refs):
+            return None
+        for ref, t in zip(self.refs, tensors):
+            if (ref is None) != (t is None) or (ref is not None and ref() is not t):
+                return None
+        return self.layout
+
+    def put(self, tensors, meta, layout):
+        self.refs, self.meta, self.layout = self._refs(tensors), meta, layout
+        return layout
+
+
+_cache = _LayoutCache()
+
+
+def _rows(x: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+    return None if x is None else x.expand(batch, -1)
+
+
+def _layout_from_cu(cu: torch.Tensor, max_len, batch: int, seq: int) -> Layout:
+    cu = cu.to(torch.int32)
+    if int(cu[-1]) != batch * seq:
+        raise ValueError(
+            f"cu_seq_lens_q ends at {int(cu[-1])} but the (gathered) batch holds {batch}x{seq} tokens: "
+            "under sequence parallelism cu_seq_lens must describe the full, unsharded sequence."
+        )
+    lengths = (cu[1:] - cu[:-1]).long()
+    seg = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths).view(batch, seq)
+    max_len = int(max_len) if max_len is not None else int(lengths.max())
+    return Layout(seg, cu, max_len, None)
+
+
+def _local_layout(position_ids, attention_mask, cu, max_len, q_len, k_len, causal) -> Layout:
+    if q_len != k_len:  # decoding with a KV cache
+        if attention_mask is not None and not bool(attention_mask.all()):
+            return Layout(key_valid=attention_mask[:, -k_len:])
+        return Layout()
+    if cu is not None:
+        return _layout_from_cu(cu, max_len, max(int(cu[-1]) // q_len, 1), q_len)
+    return layout_from_positions(position_ids, attention_mask, causal)
+
+
+def _check_agreement(meta: torch.Tensor, sp, names: tuple[str, ...]) -> None:
+    everyone = all_gather_seq(meta[None], sp.group, dim=0)  # [P, n], no gradient
+    if bool((everyone != everyone[0]).any()):
+        rows = "; ".join(
+            f"SP rank {r}: " + ", ".join(f"{n}={int(v)}" for n, v in zip(names, everyone[r].tolist()))
+            for r in range(everyone.shape[0])
+        )
+        raise ValueError(
+            "The ranks of a sequence-parallel group disagree on the attention inputs "
+            f"({rows}). Every rank of a group must get the same sample, padded to a multiple of the SP "
+            "size and sharded along the sequence: use ulysses_attn.UlyssesSampler / UlyssesCollator "
+            "(or ulysses_attn.shard_batch)."
+        )
+
+
+def _global_layout(sp, position_ids, attention_mask, cu, max_len, batch, seq_local, heads, causal) -> Layout:
+    names = ("batch", "local_seq", "heads", "kv_heads", "has_position_ids", "has_attention_mask", "has_cu_seq_lens")
+    meta = torch.tensor(
+        [batch, seq_local, *heads, position_ids is not None, attention_mask is not None, cu is not None],
+        dtype=torch.int64,
+        device=_device(position_ids, attention_mask, cu),
+    )
+    _check_agreement(meta, sp, names)
+    seq = seq_local * sp.size
+    if cu is not None:
+        return _layout_from_cu(cu, max_len, batch, seq)
+    pos = all_gather_seq(position_ids, sp.group) if position_ids is not None else None
+    mask = all_gather_seq(attention_mask, sp.group) if attention_mask is not None else None
+    if pos is not None and seq_local > 1:
+        local = torch.arange(seq_local, device=pos.device, dtype=pos.dtype)
+        if bool((pos.view(batch, sp.size, seq_local) == local).all()):
+            raise ValueError(
+                "position_ids restart at 0 on every sequence-parallel shard: the model got shard-local "
+                "positions, so RoPE and the causal structure would be wrong. Pass the global position_ids "
+                "of each token (ulysses_attn.UlyssesCollator / shard_batch add them), or cu_seq_lens_q/k "
+                "for packed documents."
+            )
+    return layout_from_positions(pos, mask, causal)
+
+
+def _device(*tensors):
+    for t in tensors:
+        if t is not None:
+            return t.device
+    return torch.device("cpu")
+
+
+def ulysses_flash_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    is_causal: bool | None = None,
+    position_ids: torch.Tensor | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    cu_seq_lens_k: torch.Tensor | None = None,
+    max_length_q: int | None = None,
+    max_length_k: int | None = None,
+    s_aux: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """HF attention-interface function: q ``[B, H, S_local, D]``, k/v ``[B, Hkv, S_local, D]``
+    -> ``([B, S_local, H, D], None)``."""
+    if s_aux is not None:
+        raise NotImplementedError("ulysses_flash does not support attention sinks (s_aux) yet.")
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(
+            f"ulysses_flash expects a 2D padding mask (or None), got a {attention_mask.dim()}D mask: custom 4D "
+            "masks are not supported; pass packed documents as position_ids or cu_seq_lens_q/k instead."
+        )
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if cu_seq_lens_k is not None and cu_seq_lens_q is not None and not torch.equal(cu_seq_lens_k, cu_seq_lens_q):
+        raise NotImplementedError("ulysses_flash supports self-attention only (cu_seq_lens_k != cu_seq_lens_q).")
+    batch, heads, seq_local, _ = query.shape
+    kv_heads = key.shape[1]
+    sp = get_sequence_parallel()
+    opts = dict(causal=causal, scale=scaling, dropout=dropout, window=sliding_window, softcap=softcap)
+    tensors = (position_ids, attention_mask, cu_seq_lens_q)  # the objects every layer receives: cache key
+    position_ids = _rows(position_ids, batch)
+    meta = (batch, seq_local, key.shape[2], causal, None if sp is None else sp.size)
+
+    if sp is None or sp.size == 1:
+        layout = _cache.get(tensors, meta) or _cache.put(
+            tensors,
+            meta,
+            _local_layout(position_ids, attention_mask, cu_seq_lens_q, max_length_q, seq_local, key.shape[2], causal),
+        )
+        out = attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), layout, **opts)
+        return out, None
+
+    if key.shape[2] != seq_local:
+        raise NotImplementedError(
+            "ulysses_flash with a sequence-parallel group cannot decode with a KV cache (key length "
+            f"{key.shape[2]} != query length {seq_local}). Generate with one process / P = 1, or pass use_cache=False."
+        )
+    check_heads(heads, kv_heads, sp.size)
+    layout = _cache.get(tensors, meta) or _cache.put(
+        tensors,
+        meta,
+        _global_layout(
+            sp, position_ids, attention_mask, cu_seq_lens_q, max_length_q, batch, seq_local, (heads, kv_heads), causal
+        ),
+    )
+    rep = kv_replication(heads, kv_heads, sp.size)
+    if rep > 1:
+        key = key.repeat_interleave(rep, dim=1)
+        value = value.repeat_interleave(rep, dim=1)
+    q = gather_seq_scatter_heads(query, sp.group)
+    k = gather_seq_scatter_heads(key, sp.group)
+    v = gather_seq_scatter_heads(value, sp.group)
+    out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layout, **opts)  # [B, S, H/P, D]
+    out = gather_heads_scatter_seq(out.transpose(1, 2), sp.group)  # [B, H, S/P, D]
+    return out.transpose(1, 2), None
+
+
+def ulysses_flash_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function=None,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.Tensor | None:
+    """Mask function for ``"ulysses_flash"``: the 2D padding mask as given (or ``None``).
+
+    Unlike the stock flash mask it never drops an all-ones mask, so that every rank of an SP group
+    takes the same path (a shard without padding must not skip a collective its peers run).
+    """
+    if attention_mask is None:
+        return None
+    return attention_mask[:, -kv_length:]
