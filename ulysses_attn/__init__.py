@@ -13,6 +13,7 @@ from .groups import (
     init_sequence_parallel,
 )
 from .data import UlyssesCollator, UlyssesSampler, shard_batch
+from .integrations.trainer import enable
 from .kernels import available_kernels, set_kernel
 from .loss import causal_lm_loss, sp_sum
 
@@ -20,6 +21,7 @@ register()
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
+    "enable",
     "SequenceParallel",
     "init_sequence_parallel",
     "get_sequence_parallel",

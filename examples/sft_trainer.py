@@ -1,0 +1,134 @@
+"""A plain HF Trainer SFT script (it knows nothing about sequence parallelism).
+
+Without SP:      python examples/sft_trainer.py --output_dir out/plain
+With Ulysses:    torchrun --nproc_per_node 2 -m ulysses_attn.launch --sp-size 2 \
+                     examples/sft_trainer.py --attn ulysses_flash --output_dir out/sp
+
+By default it builds a tiny Llama from a config and a character-level tokenizer over the bundled
+corpus (examples/data/tiny_corpus.jsonl), so it runs anywhere, CPU included, with no downloads.
+Pass --model_name_or_path to fine-tune a real checkpoint instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DataCollatorForSeq2Seq,
+    DataCollatorWithFlattening,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def char_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
+    chars = sorted(set("".join(texts)))
+    vocab = {"<pad>": 0, "<unk>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
+
+
+def tiny_model(arch: str, vocab_size: int, attn: str, seed: int):
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+                  use_cache=False)
+    config = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch](**common)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
+
+
+class LongestSequenceSeen(TrainerCallback):
+    """Records the longest sequence any decoder layer processed (a plain forward hook)."""
+
+    def __init__(self, model):
+        self.longest = 0
+        layers = model.model.layers if hasattr(model, "model") else []
+        for layer in layers:
+            layer.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        self.longest = max(self.longest, hidden.shape[1])
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--attn", default="sdpa", help='attn_implementation, e.g. "ulysses_flash"')
+    p.add_argument("--model_name_or_path", default=None)
+    p.add_argument("--arch", default="llama", choices=["llama", "qwen2"])
+    p.add_argument("--data", default=os.path.join(HERE, "data", "tiny_corpus.jsonl"))
+    p.add_argument("--max_length", type=int, default=256)
+    p.add_argument("--packed", action="store_true", help="padding-free batches (DataCollatorWithFlattening)")
+    p.add_argument("--max_steps", type=int, default=4)
+    p.add_argument("--batch_size", type=int, default=2)
+    p.add_argument("--grad_accum", type=int, default=2)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--eval", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+
+    texts = [json.loads(line)["text"] for line in open(args.data)]
+    if args.model_name_or_path:
+        tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, attn_implementation=args.attn)
+    else:
+        tokenizer = char_tokenizer(texts)
+        model = tiny_model(args.arch, len(tokenizer), args.attn, args.seed)
+
+    def encode(text):
+        ids = tokenizer(text, truncation=True, max_length=args.max_length)["input_ids"]
+        return {"input_ids": ids, "labels": list(ids)}
+
+    data = [encode(t) for t in texts]
+    train, evaluation = data[:80], data[80:]
+    if args.packed:
+        collator = DataCollatorWithFlattening()
+    else:
+        collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
+
+    training_args = TrainingArguments(
+        output_dir=args.output_dir,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.lr,
+        max_grad_norm=1.0,
+        logging_steps=1,
+        eval_strategy="steps" if args.eval else "no",
+        eval_steps=2,
+        save_strategy="no",
+        report_to=[],
+        seed=args.seed,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+    )
+    seen = LongestSequenceSeen(model)
+    trainer = Trainer(model=model, args=training_args, train_dataset=train,
+                      eval_dataset=evaluation if args.eval else None, data_collator=collator, callbacks=[seen])
+    trainer.train()
+    if trainer.is_world_process_zero():
+        os.makedirs(args.output_dir, exist_ok=True)
+        torch.save({k: v.detach().cpu() for k, v in trainer.model.state_dict().items()},
+                   os.path.join(args.output_dir, "weights.pt"))
+        with open(os.path.join(args.output_dir, "result.json"), "w") as f:
+            json.dump({"log_history": trainer.state.log_history, "longest_sequence_seen": seen.longest,
+                       "world_size": training_args.world_size}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Integrations with training frameworks (HF Trainer; TRL and DeepSpeed build on it)."""

@@ -1,0 +1,218 @@
+"""HF Trainer integration: ``ulysses_attn.enable(sp_size)``.
+
+After ``enable``, every ``transformers.Trainer`` (TRL's trainers included) whose model uses
+``attn_implementation="ulysses_flash"`` trains with sequence parallelism, with no change to the
+script:
+
+* batches are sharded over the data-parallel groups, not over ranks (the P ranks of an SP group
+  get the same batch; the order is the one a run without SP on ``dp_size`` processes sees);
+* the collator is wrapped in :class:`~ulysses_attn.UlyssesCollator` (pad to a multiple of P,
+  global ``position_ids``, full-sequence ``shift_labels``, this rank's shard);
+* the causal-LM loss is :func:`~ulysses_attn.causal_lm_loss`; the Trainer's own token counting
+  (``num_items_in_batch`` over ``shift_labels``, ``average_tokens_across_devices``) then makes
+  the loss and the DDP gradient equal to the non-SP ones, gradient accumulation included;
+* evaluation results are gathered once per SP group, so eval loss and metrics equal the non-SP
+  ones.
+
+The Trainer surface touched is small and checked at ``enable`` time: ``Trainer.__init__`` is
+wrapped (to attach the above to each instance), and on the instance ``_get_dataloader`` and
+``accelerator.gather_for_metrics`` are wrapped.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+
+from ..compat import ATTN_IMPLEMENTATION
+from ..data import UlyssesCollator
+from ..groups import SequenceParallel, get_sequence_parallel, init_sequence_parallel
+from ..kernels import set_kernel
+from ..loss import causal_lm_loss
+
+logger = logging.getLogger("ulysses_attn")
+
+__all__ = ["enable", "resolve_sp_size", "attach"]
+
+_ENV_SIZE = "ULYSSES_SP_SIZE"
+
+
+def _deepspeed_sp_size() -> tuple[int | None, str | None]:
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if not path or not os.path.isfile(path):
+        return None, None
+    with open(path) as f:
+        size = json.load(f).get("sequence_parallel_size")
+    return (int(size) if size is not None else None), path
+
+
+def resolve_sp_size(sp_size: int | None = None) -> int:
+    """SP size from the argument, else ``ULYSSES_SP_SIZE``, else the DeepSpeed config's
+    ``sequence_parallel_size`` (``ACCELERATE_DEEPSPEED_CONFIG_FILE``). Conflicting values raise."""
+    candidates = []
+    if sp_size is not None:
+        candidates.append(("the sp_size argument", int(sp_size)))
+    if os.environ.get(_ENV_SIZE):
+        candidates.append((_ENV_SIZE, int(os.environ[_ENV_SIZE])))
+    ds_size, ds_path = _deepspeed_sp_size()
+    if ds_size is not None:
+        candidates.append((f"sequence_parallel_size in {ds_path}", ds_size))
+    if not candidates:
+        raise ValueError(
+            "No sequence-parallel size given: pass enable(sp_size=N) / --sp-size N, set ULYSSES_SP_SIZE, "
+            "or put sequence_parallel_size in the DeepSpeed config."
+        )
+    if len({v for _, v in candidates}) > 1:
+        raise ValueError(
+            "Conflicting sequence-parallel sizes: " + ", ".join(f"{src}={v}" for src, v in candidates) + "."
+        )
+    return candidates[0][1]
+
+
+def _init_distributed() -> None:
+    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    from accelerate import PartialState
+
+    PartialState()  # the same initialisation the Trainer would do (backend per device / DeepSpeed)
+
+
+def enable(sp_size: int | None = None, *, kernel: str | None = None) -> SequenceParallel:
+    """Initialise sequence parallelism and make HF Trainers use it.
+
+    >>> import ulysses_attn
+    >>> ulysses_attn.enable(sp_size=4)   # before building the Trainer, on every rank
+    >>> model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="ulysses_flash")
+    >>> Trainer(model=model, args=args, train_dataset=ds, data_collator=collator).train()
+    """
+    size = resolve_sp_size(sp_size)
+    _init_distributed()
+    sp = init_sequence_parallel(size)
+    if kernel is not None:
+        set_kernel(kernel)
+    _patch_trainer()
+    if sp.size > 1:
+        logger.info("ulysses_attn: sequence parallel size %d, data parallel size %d", sp.size, sp.dp_size)
+    return sp
+
+
+def _patch_trainer() -> None:
+    from transformers import Trainer
+
+    if getattr(Trainer.__init__, "_ulysses_patched", False):
+        return
+    for name in ("_get_dataloader", "compute_loss"):
+        if not hasattr(Trainer, name):
+            import transformers
+
+            raise ImportError(f"transformers {transformers.__version__}: Trainer.{name} not found; unsupported version.")
+    original = Trainer.__init__
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        sp = get_sequence_parallel()
+        if sp is not None and sp.size > 1 and _uses_ulysses(self.model):
+            attach(self, sp)
+
+    __init__._ulysses_patched = True
+    Trainer.__init__ = __init__
+
+
+def _ulysses_models(model: torch.nn.Module):
+    return [
+        m
+        for m in model.modules()
+        if getattr(getattr(m, "config", None), "_attn_implementation", None) == ATTN_IMPLEMENTATION
+        and hasattr(type(m), "loss_function")
+    ]
+
+
+def _uses_ulysses(model) -> bool:
+    return model is not None and bool(_ulysses_models(model))
+
+
+def attach(trainer, sp: SequenceParallel | None = None) -> None:
+    """Make one Trainer instance sequence-parallel (``enable`` does this for every new Trainer)."""
+    sp = sp or get_sequence_parallel()
+    args = trainer.args
+    if getattr(args, "train_sampling_strategy", None) == "batch_rebalance":
+        raise NotImplementedError("train_sampling_strategy='batch_rebalance' is not supported with sequence parallelism.")
+    if not args.average_tokens_across_devices:
+        logger.warning("ulysses_attn: setting average_tokens_across_devices=True (required for an exact SP loss).")
+        args.average_tokens_across_devices = True
+    heads = [m for m in _ulysses_models(trainer.model) if type(m).__name__.endswith("ForCausalLM")]
+    if not heads:
+        raise NotImplementedError(
+            "Sequence parallelism with the Trainer supports causal-LM models (*ForCausalLM); "
+            f"got {type(trainer.model).__name__}."
+        )
+    for m in heads:
+        m.loss_function = causal_lm_loss
+    if not isinstance(trainer.data_collator, UlyssesCollator):
+        pad = getattr(trainer.processing_class, "pad_token_id", None)
+        trainer.data_collator = UlyssesCollator(trainer.data_collator, pad_token_id=pad, sp=sp)
+
+    get_dataloader = trainer._get_dataloader
+
+    @functools.wraps(get_dataloader)
+    def _get_dataloader(*a, **kw):
+        loader = get_dataloader(*a, **kw)
+        shard_over_dp_groups(loader, sp)
+        return loader
+
+    trainer._get_dataloader = _get_dataloader
+    trainer.accelerator.gather_for_metrics = functools.partial(_gather_for_metrics, trainer.accelerator, sp)
+    trainer.gather_function = trainer.accelerator.gather_for_metrics
+    trainer._ulysses_sp = sp
+
+
+def shard_over_dp_groups(loader, sp: SequenceParallel) -> None:
+    """Re-point accelerate's sharding of a prepared dataloader from ranks to DP groups."""
+    from accelerate.data_loader import BatchSamplerShard, DataLoaderDispatcher, IterableDatasetShard
+
+    if isinstance(loader, DataLoaderDispatcher):
+        raise NotImplementedError(
+            "dispatch_batches=True is not supported with sequence parallelism; "
+            "set accelerator_config={'dispatch_batches': False}."
+        )
+    for obj in (getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None), getattr(loader, "dataset", None)):
+        if isinstance(obj, (BatchSamplerShard, IterableDatasetShard)):
+            obj.num_processes, obj.process_index = sp.dp_size, sp.dp_rank
+
+
+def _gather_for_metrics(accelerator, sp: SequenceParallel, input_data, use_gather_object: bool = False):
+    """``Accelerator.gather_for_metrics`` for SP.
+
+    Inside the SP group, per-token tensors (``dim >= 2``: logits, labels) are re-assembled along
+    the sequence and per-sample values (``dim <= 1``: losses) are averaged -- each rank's loss is
+    its shard's share of the sample's loss (``num_items_in_batch`` convention) or already the full
+    value. The result is then gathered over the DP group exactly as a run without SP on
+    ``dp_size`` processes gathers it, dropping the duplicated tail of the last batch likewise.
+    """
+    from accelerate.utils import recursively_apply
+
+    from ..comm import all_gather_seq
+
+    if use_gather_object:
+        raise NotImplementedError("gather_for_metrics(use_gather_object=True) is not supported with SP.")
+
+    def gather(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() >= 2:
+            t = all_gather_seq(t, sp.group, dim=1)
+        else:
+            t = t.reshape(-1).clone()
+            dist.all_reduce(t, group=sp.group)
+            t = t / sp.size
+        return all_gather_seq(t, sp.dp_group, dim=0) if sp.dp_size > 1 else t
+
+    data = recursively_apply(gather, input_data, error_on_other_type=True)
+    state = accelerator.gradient_state
+    if state.end_of_dataloader and state.remainder > 0:
+        data = recursively_apply(lambda t: t[: state.remainder], data)
+    return data
