@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from .groups import SequenceParallel, get_sequence_parallel
+from .kernels import layout_from_positions
 
 __all__ = ["UlyssesSampler", "UlyssesCollator", "shard_batch", "IGNORE_INDEX"]
 
@@ -67,7 +68,8 @@ def shard_batch(
     """Return this rank's sequence shard of a full batch (unchanged structure otherwise).
 
     Per-token tensors are those with ``shape[:2] == (batch, seq)`` (``position_ids`` may be
-    ``[1, seq]``). With no SP group (or P = 1) the batch only gains ``position_ids`` and
+    ``[1, seq]``). Packed rows (``position_ids`` restarting) also get ``cu_seq_lens_q/k`` and
+    ``max_length_q/k`` describing the documents of the full, unsharded sequence. With no SP group (or P = 1) the batch only gains ``position_ids`` and
     ``shift_labels``, so the same code runs with and without sequence parallelism.
     """
     sp = _sp(sp)
@@ -98,6 +100,12 @@ def shard_batch(
             out[k] = torch.cat([v, extra], dim=1)
     if size == 1:
         return out
+    # Packed rows: describe the documents of the full sequence explicitly (HF's flash kwargs), so the
+    # attention needs no gather of positions and no guess whether shard positions are global.
+    packed = layout_from_positions(out["position_ids"], None)
+    if not packed.dense:
+        out["cu_seq_lens_q"] = out["cu_seq_lens_k"] = packed.cu_seqlens
+        out["max_length_q"] = out["max_length_k"] = packed.max_seqlen
     local = (seq + pad) // size
     for k in per_token:
         out[k] = out[k][:, rank * local : (rank + 1) * local].contiguous()
