@@ -4,17 +4,17 @@ grad norms, eval losses and weights; and its decoder layers only ever saw 1/P of
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
 import sys
 
 import pytest
-import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "sft_trainer.py")
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+from demo import compare, run_example  # noqa: E402
 MAX_LENGTH = 256
 RTOL = 1e-5
 # Weights after a few AdamW steps: Adam divides by sqrt(v), so for parameters whose gradient is
@@ -25,41 +25,19 @@ RTOL_WEIGHTS = 5e-5
 
 
 def run(out_dir, nproc=1, sp=None, launcher="torchrun", extra=()):
-    """Run the example script; return (result.json, weights)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    script = [SCRIPT, "--output_dir", str(out_dir), "--max_length", str(MAX_LENGTH), *extra]
-    if sp is not None:
-        script = ["-m", "ulysses_attn.launch", "--sp-size", str(sp), *script, "--attn", "ulysses_flash"]
-    if nproc == 1 and sp is None:
-        cmd = [sys.executable, *script]
-    elif launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *script]
-    else:  # accelerate on CPU: --multi_gpu selects its torch.distributed launcher
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={nproc}",
-               "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", *script]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    result = json.load(open(os.path.join(out_dir, "result.json")))
-    return result, torch.load(os.path.join(out_dir, "weights.pt"))
+    return run_example(out_dir, nproc, sp, launcher, ["--max_length", str(MAX_LENGTH), *extra])
 
 
-def assert_same_training(sp_run, ref_run, sp_size):
-    (sp_res, sp_w), (ref_res, ref_w) = sp_run, ref_run
-    sp_logs, ref_logs = sp_res["log_history"], ref_res["log_history"]
-    assert len(sp_logs) == len(ref_logs)
-    compared = 0
-    for a, b in zip(sp_logs, ref_logs):
-        for key in ("loss", "grad_norm", "eval_loss", "train_loss"):
-            if key in b:
-                assert a[key] == pytest.approx(b[key], rel=RTOL), (key, a, b)
-                compared += 1
-    assert compared >= 4
-    for name, ref in ref_w.items():
-        err = ((sp_w[name] - ref).norm() / ref.norm()).item()
-        assert err < RTOL_WEIGHTS, (name, err)
+def assert_same_training(sp_run, ref_run, sp_size, evaluated=True):
+    diff = compare(sp_run, ref_run)
+    assert diff["same_length"] and diff["steps"] >= 4
+    assert set(diff["logged"]) >= {"loss", "grad_norm", "train_loss"} | ({"eval_loss"} if evaluated else set())
+    assert max(diff["logged"].values()) < RTOL, diff
+    assert diff["weights"] < RTOL_WEIGHTS, diff
     # sharding happened: the decoder layers never saw more than ceil(S/P) tokens of a sequence
-    assert ref_res["longest_sequence_seen"] > math.ceil(MAX_LENGTH / 2)
-    assert sp_res["longest_sequence_seen"] <= math.ceil(ref_res["longest_sequence_seen"] / sp_size)
+    longest, longest_sp = ref_run[0]["longest_sequence_seen"], sp_run[0]["longest_sequence_seen"]
+    assert longest > math.ceil(MAX_LENGTH / 2)
+    assert longest_sp <= math.ceil(longest / sp_size)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +59,7 @@ def test_sp2_padded_batches_with_eval_and_grad_accum(tmp_path, baselines):
 
 def test_sp2_packed_sequences(tmp_path, baselines):
     ref = baselines("packed", extra=["--packed"])
-    assert_same_training(run(tmp_path, nproc=2, sp=2, extra=["--packed"]), ref, 2)
+    assert_same_training(run(tmp_path, nproc=2, sp=2, extra=["--packed"]), ref, 2, evaluated=False)
 
 
 def test_sp2_times_dp2_equals_ddp2(tmp_path, baselines):
