@@ -26,14 +26,25 @@ ROOT = os.path.dirname(HERE)
 SCRIPT = os.path.join(HERE, "sft_trainer.py")
 
 
-def run_example(out_dir, nproc=1, sp=None, launcher="torchrun", extra=(), timeout=900):
+def run_example(out_dir, nproc=1, sp=None, launcher="torchrun", extra=(), deepspeed_config=None, timeout=900):
     """Run examples/sft_trainer.py; return (result.json contents, final weights). Raises with the
-    tail of the logs on failure."""
+    tail of the logs on failure.
+
+    ``sp``: None (no SP), an int (``--sp-size``) or ``"config"`` (size from the DeepSpeed config).
+    ``deepspeed_config``: a DeepSpeed JSON, launched through ``accelerate launch --use_deepspeed``.
+    """
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
     script = [SCRIPT, "--output_dir", str(out_dir), *extra]
     if sp is not None:
-        script = ["-m", "ulysses_attn.launch", "--sp-size", str(sp), *script, "--attn", "ulysses_flash"]
-    if nproc == 1 and sp is None:
+        size = [] if sp == "config" else ["--sp-size", str(sp)]
+        script = ["-m", "ulysses_attn.launch", *size, *script, "--attn", "ulysses_flash"]
+    if deepspeed_config is not None:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed",
+               f"--deepspeed_config_file={deepspeed_config}", f"--num_processes={nproc}", "--num_machines=1",
+               "--mixed_precision=no", "--dynamo_backend=no", *script]
+    elif nproc == 1 and sp is None:
         cmd = [sys.executable, *script]
     elif launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *script]

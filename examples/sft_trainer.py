@@ -78,6 +78,8 @@ def main():
     p.add_argument("--grad_accum", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--eval", action="store_true")
+    p.add_argument("--save_steps", type=int, default=0, help="save a checkpoint every N steps (0: never)")
+    p.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --output_dir")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
@@ -111,7 +113,8 @@ def main():
         logging_steps=1,
         eval_strategy="steps" if args.eval else "no",
         eval_steps=2,
-        save_strategy="no",
+        save_strategy="steps" if args.save_steps else "no",
+        save_steps=args.save_steps or 500,
         report_to=[],
         seed=args.seed,
         use_cpu=not torch.cuda.is_available(),
@@ -120,11 +123,11 @@ def main():
     seen = LongestSequenceSeen(model)
     trainer = Trainer(model=model, args=training_args, train_dataset=train,
                       eval_dataset=evaluation if args.eval else None, data_collator=collator, callbacks=[seen])
-    trainer.train()
+    trainer.train(resume_from_checkpoint=True if args.resume else None)
+    state = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # collective: gathers ZeRO-3 shards
     if trainer.is_world_process_zero():
         os.makedirs(args.output_dir, exist_ok=True)
-        torch.save({k: v.detach().cpu() for k, v in trainer.model.state_dict().items()},
-                   os.path.join(args.output_dir, "weights.pt"))
+        torch.save({k: v.detach().cpu() for k, v in state.items()}, os.path.join(args.output_dir, "weights.pt"))
         with open(os.path.join(args.output_dir, "result.json"), "w") as f:
             json.dump({"log_history": trainer.state.log_history, "longest_sequence_seen": seen.longest,
                        "world_size": training_args.world_size}, f, indent=1)

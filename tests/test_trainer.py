@@ -40,18 +40,6 @@ def assert_same_training(sp_run, ref_run, sp_size, evaluated=True):
     assert longest_sp <= math.ceil(longest / sp_size)
 
 
-@pytest.fixture(scope="module")
-def baselines(tmp_path_factory):
-    cache = {}
-
-    def get(name, **kw):
-        if name not in cache:
-            cache[name] = run(tmp_path_factory.mktemp(name), **kw)
-        return cache[name]
-
-    return get
-
-
 def test_sp2_padded_batches_with_eval_and_grad_accum(tmp_path, baselines):
     ref = baselines("plain", extra=["--eval"])
     assert_same_training(run(tmp_path, nproc=2, sp=2, extra=["--eval"]), ref, 2)

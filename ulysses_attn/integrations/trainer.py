@@ -34,6 +34,7 @@ from ..data import UlyssesCollator
 from ..groups import SequenceParallel, get_sequence_parallel, init_sequence_parallel
 from ..kernels import set_kernel
 from ..loss import causal_lm_loss
+from .deepspeed import reconcile_sequence_parallel_size
 
 logger = logging.getLogger("ulysses_attn")
 
@@ -154,6 +155,7 @@ def attach(trainer, sp: SequenceParallel | None = None) -> None:
         )
     for m in heads:
         m.loss_function = causal_lm_loss
+    reconcile_sequence_parallel_size(trainer, sp.size)
     if not isinstance(trainer.data_collator, UlyssesCollator):
         pad = getattr(trainer.processing_class, "pad_token_id", None)
         trainer.data_collator = UlyssesCollator(trainer.data_collator, pad_token_id=pad, sp=sp)

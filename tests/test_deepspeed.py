@@ -1,0 +1,80 @@
+"""DeepSpeed ZeRO-2/3 + Ulysses through `accelerate launch --use_deepspeed` (CPU, gloo, real
+DeepSpeed with DS_ACCELERATOR=cpu): the unchanged example script ends with the same logged
+losses, grad norms (as logged, i.e. as used for clipping), eval losses and weights as the run
+without SP; the SP size comes from the config's `sequence_parallel_size`; resume is exact."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+
+import pytest
+
+pytest.importorskip("deepspeed")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+from demo import compare, run_example  # noqa: E402
+
+Z2 = os.path.join(ROOT, "examples", "ds_z2_ulysses.json")
+Z3 = os.path.join(ROOT, "examples", "ds_z3_ulysses.json")
+# fp32 on CPU. Losses and grad norms agree to float32 round-off (~1e-7); weights after AdamW
+# steps to 5e-5 (Adam amplifies round-off for parameters with near-zero gradients).
+RTOL, RTOL_WEIGHTS = 1e-5, 5e-5
+
+
+def ds_config(tmp_path, base, **changes):
+    config = json.load(open(base))
+    zero = changes.pop("zero_optimization", {})
+    config.update(changes)
+    config["zero_optimization"].update(zero)
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+def assert_same(sp_run, ref_run, sp_size):
+    diff = compare(sp_run, ref_run)
+    assert diff["same_length"] and {"loss", "grad_norm", "eval_loss"} <= set(diff["logged"])
+    assert max(diff["logged"].values()) < RTOL, diff
+    assert diff["weights"] < RTOL_WEIGHTS, diff
+    assert sp_run[0]["longest_sequence_seen"] * sp_size <= ref_run[0]["longest_sequence_seen"] + sp_size
+
+
+def test_zero2_sp_size_from_config_equals_plain(tmp_path, baselines):
+    sp_run = run_example(tmp_path / "sp", nproc=2, sp="config", deepspeed_config=Z2, extra=["--eval"])
+    assert_same(sp_run, baselines("plain", extra=["--eval"]), 2)
+
+
+def test_zero3_sp2_times_dp2_equals_ddp2(tmp_path, baselines):
+    sp_run = run_example(tmp_path / "sp", nproc=4, sp="config", deepspeed_config=Z3, extra=["--eval"])
+    assert sp_run[0]["world_size"] == 4
+    assert_same(sp_run, baselines("ddp2", nproc=2, extra=["--eval"]), 2)
+
+
+def test_zero2_cpu_optimizer_offload(tmp_path, baselines):
+    config = ds_config(tmp_path, Z2, zero_optimization={"offload_optimizer": {"device": "cpu"}})
+    sp_run = run_example(tmp_path / "sp", nproc=2, sp=2, deepspeed_config=config, extra=["--eval"])
+    assert_same(sp_run, baselines("plain", extra=["--eval"]), 2)
+
+
+def test_conflicting_sp_size_is_an_error(tmp_path):
+    with pytest.raises(RuntimeError, match="Conflicting sequence-parallel sizes"):
+        run_example(tmp_path / "sp", nproc=2, sp=4, deepspeed_config=Z3)
+
+
+def test_zero3_resume_equals_uninterrupted(tmp_path):
+    extra = ["--save_steps", "2", "--max_steps", "4"]
+    full = run_example(tmp_path / "full", nproc=2, sp="config", deepspeed_config=Z3, extra=extra)
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-2", resumed_dir / "checkpoint-2")
+    resumed = run_example(resumed_dir, nproc=2, sp="config", deepspeed_config=Z3, extra=[*extra, "--resume"])
+    after = lambda run: [(h["step"], h["loss"], h["grad_norm"]) for h in run[0]["log_history"] if "loss" in h and h["step"] > 2]
+    assert len(after(full)) == 2
+    for (s1, l1, g1), (s2, l2, g2) in zip(after(full), after(resumed), strict=True):
+        assert s1 == s2 and l1 == pytest.approx(l2, rel=RTOL) and g1 == pytest.approx(g2, rel=RTOL)
+    diff = compare(resumed, full)
+    assert diff["weights"] < RTOL_WEIGHTS
