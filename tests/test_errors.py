@@ -283,12 +283,6 @@ def test_mp_shard_local_position_ids(mp):
 
 
 @multiprocess
-@pytest.mark.xfail(
-    reason="package bug: shard_batch adds cu_seq_lens_q/k for packed rows and attention._global_layout returns "
-    "the cu layout before its shard-local position_ids check, so a packed shard forwarded without position_ids "
-    "runs with RoPE positions restarting at 0 on every shard and no error",
-    strict=False,
-)
 def test_mp_shard_local_position_ids_packed(mp):
     for r in mp:
         assert r["local_positions_packed"] is not None, f"no error (shard carried cu_seq_lens: {r['packed_has_cu']})"

@@ -126,20 +126,32 @@ def _global_layout(sp, position_ids, attention_mask, cu, max_len, batch, seq_loc
     )
     _check_agreement(meta, sp, names)
     seq = seq_local * sp.size
-    if cu is not None:
-        return _layout_from_cu(cu, max_len, batch, seq)
     pos = all_gather_seq(position_ids, sp.group) if position_ids is not None else None
+    layout = _layout_from_cu(cu, max_len, batch, seq) if cu is not None else None
+    if pos is not None and seq_local > 1 and _positions_look_local(pos, sp.size, seq_local, layout):
+        raise ValueError(
+            "position_ids restart at 0 on every sequence-parallel shard: the model got shard-local "
+            "positions, so RoPE and the causal structure would be wrong. Pass the global position_ids "
+            "of each token (ulysses_attn.UlyssesCollator / shard_batch add them)."
+        )
+    if layout is not None:
+        return layout
     mask = all_gather_seq(attention_mask, sp.group) if attention_mask is not None else None
-    if pos is not None and seq_local > 1:
-        local = torch.arange(seq_local, device=pos.device, dtype=pos.dtype)
-        if bool((pos.view(batch, sp.size, seq_local) == local).all()):
-            raise ValueError(
-                "position_ids restart at 0 on every sequence-parallel shard: the model got shard-local "
-                "positions, so RoPE and the causal structure would be wrong. Pass the global position_ids "
-                "of each token (ulysses_attn.UlyssesCollator / shard_batch add them), or cu_seq_lens_q/k "
-                "for packed documents."
-            )
     return layout_from_positions(pos, mask, causal)
+
+
+def _positions_look_local(pos: torch.Tensor, sp_size: int, seq_local: int, layout: Layout | None) -> bool:
+    """Every shard holds positions ``0..S/P-1`` (what a model makes up when it gets no position_ids),
+    unless the given documents really start at every shard boundary."""
+    batch = pos.shape[0]
+    local = torch.arange(seq_local, device=pos.device, dtype=pos.dtype)
+    if not bool((pos.view(batch, sp_size, seq_local) == local).all()):
+        return False
+    if layout is None:
+        return True
+    seg = layout.segment_ids.view(batch, sp_size, seq_local)
+    starts_documents = seg[:, 1:, 0] != seg[:, :-1, -1]
+    return not bool(starts_documents.all())
 
 
 def _device(*tensors):

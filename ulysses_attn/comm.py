@@ -4,7 +4,7 @@ Tensors use the HF attention layout ``[batch, heads, seq, head_dim]``.
 
 * :func:`gather_seq_scatter_heads`: ``[B, H, S/P, D] -> [B, H/P, S, D]`` (before attention)
 * :func:`gather_heads_scatter_seq`: ``[B, H/P, S, D] -> [B, H, S/P, D]`` (after attention)
-* :func:`all_gather_seq`: ``[B, S/P, ...] -> [B, S, ...]`` without gradient (positions, masks)
+* :func:`all_gather_seq`: ``[B, S/P, ...] -> [B, S, ...]`` (positions, masks, per-token outputs)
 * :func:`all_reduce_sum`: differentiable sum over the group (losses, per-sequence log-probs)
 """
 
@@ -51,11 +51,34 @@ def gather_heads_scatter_seq(x: torch.Tensor, group) -> torch.Tensor:
     return _AllToAll.apply(x, 2, 1, group)
 
 
-def all_gather_seq(x: torch.Tensor, group, dim: int = 1) -> torch.Tensor:
-    """Concatenate every rank's ``x`` along ``dim`` in rank order (no gradient; equal shapes)."""
+def _all_gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, x.contiguous(), group=group)
     return torch.cat(parts, dim=dim)
+
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim, ctx.size = group, dim, x.shape[dim]
+        return _all_gather(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Every rank holds (and differentiates) its own copy of the gathered tensor: the gradient of
+        # this rank's slice is the sum over ranks of their gradients for it.
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        rank = dist.get_rank(ctx.group)
+        return grad.narrow(ctx.dim, rank * ctx.size, ctx.size), None, None
+
+
+def all_gather_seq(x: torch.Tensor, group, dim: int = 1) -> torch.Tensor:
+    """Concatenate every rank's ``x`` along ``dim`` in rank order (equal shapes). Differentiable:
+    the gradient of each rank's part is the sum of all ranks' gradients for it."""
+    if x.requires_grad:
+        return _AllGather.apply(x, group, dim)
+    return _all_gather(x, group, dim)
 
 
 class _AllReduceSum(torch.autograd.Function):

@@ -131,7 +131,9 @@ class UlyssesCollator:
         self.base_collator = base_collator
         if pad_token_id is None:
             tokenizer = getattr(base_collator, "tokenizer", None) or getattr(base_collator, "processing_class", None)
-            pad_token_id = getattr(tokenizer, "pad_token_id", None) or getattr(base_collator, "pad_token_id", None)
+            pad_token_id = getattr(tokenizer, "pad_token_id", None)
+            if pad_token_id is None:
+                pad_token_id = getattr(base_collator, "pad_token_id", None)
         self.pad_token_id = pad_token_id if pad_token_id is not None else 0
         self.sp = sp
 

@@ -103,7 +103,8 @@ def _reference(q, k, v, layout: Layout, *, causal, scale, dropout, window, softc
     if Hkv != H:
         k = k.repeat_interleave(H // Hkv, dim=2)
         v = v.repeat_interleave(H // Hkv, dim=2)
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, k).float() * scale
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k)
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * scale
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
     qi = torch.arange(Sq, device=q.device)[:, None] + (Sk - Sq)  # bottom-right aligned (KV cache)

@@ -10,6 +10,7 @@ The script only has to load its model with ``attn_implementation="ulysses_flash"
 from __future__ import annotations
 
 import argparse
+import os
 import runpy
 import sys
 
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> None:
         runpy.run_module(args.module, run_name="__main__", alter_sys=True)
     else:
         sys.argv = list(args.target)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(args.target[0])))  # as `python script.py` does
         runpy.run_path(args.target[0], run_name="__main__")
 
 

@@ -14,9 +14,10 @@ script:
 * evaluation results are gathered once per SP group, so eval loss and metrics equal the non-SP
   ones.
 
-The Trainer surface touched is small and checked at ``enable`` time: ``Trainer.__init__`` is
-wrapped (to attach the above to each instance), and on the instance ``_get_dataloader`` and
-``accelerator.gather_for_metrics`` are wrapped.
+The Trainer surface touched is small: ``Trainer.__init__`` is wrapped (to attach the above to each
+instance); on the instance, ``accelerator.prepare_data_loader`` (every dataloader the trainer
+prepares is sharded over DP groups) and ``accelerator.gather_for_metrics`` are wrapped. TRL's
+fused-head trainers (SFT, DPO) keep whole batches instead: see ``integrations/trl.py``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from ..groups import SequenceParallel, get_sequence_parallel, init_sequence_para
 from ..kernels import set_kernel
 from ..loss import causal_lm_loss
 from .deepspeed import reconcile_sequence_parallel_size
+from .trl import fused_trainer_classes, patch_trl
 
 logger = logging.getLogger("ulysses_attn")
 
@@ -97,6 +99,7 @@ def enable(sp_size: int | None = None, *, kernel: str | None = None) -> Sequence
     if kernel is not None:
         set_kernel(kernel)
     _patch_trainer()
+    patch_trl()
     if sp.size > 1:
         logger.info("ulysses_attn: sequence parallel size %d, data parallel size %d", sp.size, sp.dp_size)
     return sp
@@ -107,11 +110,6 @@ def _patch_trainer() -> None:
 
     if getattr(Trainer.__init__, "_ulysses_patched", False):
         return
-    for name in ("_get_dataloader", "compute_loss"):
-        if not hasattr(Trainer, name):
-            import transformers
-
-            raise ImportError(f"transformers {transformers.__version__}: Trainer.{name} not found; unsupported version.")
     original = Trainer.__init__
 
     @functools.wraps(original)
@@ -153,22 +151,24 @@ def attach(trainer, sp: SequenceParallel | None = None) -> None:
             "Sequence parallelism with the Trainer supports causal-LM models (*ForCausalLM); "
             f"got {type(trainer.model).__name__}."
         )
-    for m in heads:
-        m.loss_function = causal_lm_loss
     reconcile_sequence_parallel_size(trainer, sp.size)
-    if not isinstance(trainer.data_collator, UlyssesCollator):
-        pad = getattr(trainer.processing_class, "pad_token_id", None)
-        trainer.data_collator = UlyssesCollator(trainer.data_collator, pad_token_id=pad, sp=sp)
+    if not isinstance(trainer, fused_trainer_classes()):
+        # TRL's fused-head trainers keep whole batches and shard inside the forward (integrations/trl.py)
+        for m in heads:
+            m.loss_function = causal_lm_loss
+        if not isinstance(trainer.data_collator, UlyssesCollator):
+            pad = getattr(trainer.processing_class, "pad_token_id", None)
+            trainer.data_collator = UlyssesCollator(trainer.data_collator, pad_token_id=pad, sp=sp)
 
-    get_dataloader = trainer._get_dataloader
+    prepare_data_loader = trainer.accelerator.prepare_data_loader
 
-    @functools.wraps(get_dataloader)
-    def _get_dataloader(*a, **kw):
-        loader = get_dataloader(*a, **kw)
+    @functools.wraps(prepare_data_loader)
+    def _prepare_data_loader(*a, **kw):
+        loader = prepare_data_loader(*a, **kw)
         shard_over_dp_groups(loader, sp)
         return loader
 
-    trainer._get_dataloader = _get_dataloader
+    trainer.accelerator.prepare_data_loader = _prepare_data_loader
     trainer.accelerator.gather_for_metrics = functools.partial(_gather_for_metrics, trainer.accelerator, sp)
     trainer.gather_function = trainer.accelerator.gather_for_metrics
     trainer._ulysses_sp = sp

@@ -1,0 +1,150 @@
+"""TRL DPO and SFT with Ulysses equal the same training without sequence parallelism
+(real TRL trainers, tiny Llama from a config, fp32 on CPU, gloo)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+import ulysses_attn  # noqa: E402
+from distributed import run_distributed  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+from sft_trainer import char_tokenizer, tiny_model  # noqa: E402
+
+RTOL = 1e-5
+# Rewards and margins are differences of log-prob sums (|sum| ~ 10-100): fp32 round-off of the sums
+# (~1e-7 relative) is ~1e-6 absolute after the cancellation, so those get an absolute tolerance too.
+ATOL = 1e-5
+RTOL_WEIGHTS = 5e-5  # AdamW amplifies fp32 round-off on near-zero gradients (see test_trainer.py)
+WORDS = ["alpha", "beta", "gamma", "delta", "long", "short", "sequence", "shard", "token", "answer", "yes", "no"]
+
+
+def preference_data(n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pick = lambda k: " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (k,), generator=g).tolist())
+    rows = []
+    for i in range(n):
+        # prompts of 3..12 words and completions of different lengths: they cross shard boundaries
+        rows.append({"prompt": pick(3 + i % 10), "chosen": pick(2 + (i * 3) % 7), "rejected": pick(1 + (i * 5) % 9)})
+    return rows
+
+
+def text_data(n=8, seed=1):
+    rows = preference_data(n, seed)
+    return [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
+
+
+def _grads_callback():
+    from transformers import TrainerCallback
+
+    class Capture(TrainerCallback):
+        def __init__(self):
+            self.first = None
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            if self.first is None:
+                self.first = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    return Capture()
+
+
+def _train(rank, world, trainer_name, sp_size, options):
+    from peft import LoraConfig
+
+    ulysses_attn.enable(sp_size=sp_size)
+    attn = "ulysses_flash" if sp_size > 1 else "sdpa"
+    rows = preference_data() if trainer_name == "dpo" else text_data()
+    tokenizer = char_tokenizer([v for r in rows for v in r.values()])
+    tokenizer.eos_token = tokenizer.pad_token
+    model = tiny_model("llama", len(tokenizer), attn, seed=0)
+    common = dict(output_dir=f"/tmp/ulysses_trl_{os.getpid()}", per_device_train_batch_size=2, max_steps=3,
+                  learning_rate=1e-3, logging_steps=1, report_to=[], use_cpu=True, bf16=False, seed=0,
+                  save_strategy="no", gradient_checkpointing=options.get("gradient_checkpointing", False),
+                  gradient_accumulation_steps=options.get("grad_accum", 1), dataloader_num_workers=0)
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]) if options.get("lora") else None
+    capture = _grads_callback()
+    dataset = datasets.Dataset.from_list(rows)
+    if options.get("precompute"):  # TRL caches reference log-probs next to the dataset's files: share them
+        path = os.path.join(options["tmp"], "dataset")
+        if rank == 0:
+            dataset.save_to_disk(path)
+        torch.distributed.barrier()
+        dataset = datasets.load_from_disk(path)
+    if trainer_name == "dpo":
+        config = trl.DPOConfig(**common, loss_type=options.get("loss_type", ["sigmoid"]),
+                               loss_weights=options.get("loss_weights"), beta=0.5,
+                               precompute_ref_log_probs=options.get("precompute", False))
+        ref_model = tiny_model("llama", len(tokenizer), attn, seed=0) if options.get("ref_model") else None
+        trainer = trl.DPOTrainer(model=model, ref_model=ref_model, args=config, train_dataset=dataset,
+                                 processing_class=tokenizer, peft_config=peft_config, callbacks=[capture])
+    else:
+        config = trl.SFTConfig(**common, padding_free=options.get("padding_free", False),
+                               completion_only_loss=options.get("completion_only_loss"), max_length=None)
+        trainer = trl.SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                                 peft_config=peft_config, callbacks=[capture])
+    seen = []
+    base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+    base.model.layers[0].register_forward_pre_hook(lambda m, a, kw: seen.append((a[0] if a else kw["hidden_states"]).shape[1]), with_kwargs=True)
+    trainer.train()
+    trained = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    return {"logs": trainer.state.log_history, "grads": capture.first, "weights": trained, "longest": max(seen)}
+
+
+def _compare(sp_size, trainer_name, options, world=None, tmp=None):
+    world = world or sp_size
+    ref = run_distributed(_train, world // sp_size, trainer_name, 1, {**options, "tmp": tmp and str(tmp / "ref")})[0]
+    sp = run_distributed(_train, world, trainer_name, sp_size, {**options, "tmp": tmp and str(tmp / "sp")})[0]
+    keys = set()
+    assert len(ref["logs"]) == len(sp["logs"])
+    for a, b in zip(sp["logs"], ref["logs"]):
+        for k, v in b.items():
+            # total_flos is the Trainer's estimate summed over processes (it counts each SP rank's full batch)
+            if isinstance(v, float) and k not in ("epoch", "learning_rate", "total_flos") and "runtime" not in k \
+                    and "per_second" not in k:
+                assert a[k] == pytest.approx(v, rel=RTOL, abs=ATOL), (k, a[k], v)
+                keys.add(k)
+    assert ref["grads"] and set(ref["grads"]) == set(sp["grads"])
+    for n, g in ref["grads"].items():
+        assert ((sp["grads"][n] - g).norm() / g.norm().clamp_min(1e-12)).item() < RTOL, n
+    for n, w in ref["weights"].items():
+        assert ((sp["weights"][n] - w).norm() / w.norm()).item() < RTOL_WEIGHTS, n
+    assert sp["longest"] <= -(-ref["longest"] // sp_size), "decoder layers must see only the local shard"
+    return keys
+
+
+def test_dpo_sigmoid_separate_reference_model_p2():
+    keys = _compare(2, "dpo", {"ref_model": True, "gradient_checkpointing": True})
+    assert {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen"} <= keys
+
+
+def test_dpo_ipo_lora_adapter_disabled_reference_p2():
+    keys = _compare(2, "dpo", {"lora": True, "loss_type": ["ipo"]})
+    assert "rewards/margins" in keys
+
+
+def test_dpo_hinge_plus_sft_precomputed_reference_p4(tmp_path):
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "sp").mkdir()
+    options = {"precompute": True, "loss_type": ["hinge", "sft"], "loss_weights": [1.0, 0.5]}
+    _compare(4, "dpo", options, tmp=tmp_path)
+
+
+def test_dpo_sp2_times_dp2_with_grad_accum():
+    _compare(2, "dpo", {"grad_accum": 2, "ref_model": True}, world=4)
+
+
+def test_sft_padded_completion_only_p2():
+    keys = _compare(2, "sft", {"completion_only_loss": True})
+    assert {"loss", "entropy", "num_tokens", "mean_token_accuracy"} <= keys
+
+
+def test_sft_padding_free_lora_p4():
+    _compare(4, "sft", {"padding_free": True, "lora": True})
