@@ -1,0 +1,569 @@
+"""Training throughput of sequence parallelism on real model shapes (random init, no downloads).
+
+    torchrun --nproc_per_node 2 benchmarks/bench_train.py --model 1b --seq 16384,32768 \
+        --modes sdpa,ulysses,alst --sp 2 --steps 3 --json benchmarks/results/run.json
+
+Modes (each trains the same model, bf16, gradient checkpointing, AdamW, the same loss):
+
+* ``ulysses``: ``attn_implementation="ulysses_flash"`` (this package), SP group of ``--sp`` ranks;
+* ``alst``: DeepSpeed ALST attention (``UlyssesSPAttentionHF.register_with_transformers`` over
+  ``sdpa``), the same SP groups (ranks ``[g*P, (g+1)*P)``); only its attention component, not the
+  DeepSpeed engine;
+* ``sdpa``: no sequence parallelism; every GPU trains its own full-length sample (P = 1).
+
+No ZeRO in this version: parameters, gradients and AdamW states are replicated on every GPU in
+bf16 (torch AdamW keeps its states in the parameter dtype) and gradients are averaged over all
+ranks with one all-reduce per parameter after the backward (plain data parallelism). The loss is a
+token-weighted cross-entropy over the full sequence, computed in checkpointed chunks of
+``--loss-chunk`` tokens (the logits are never materialised for the whole shard) and summed over
+the SP group with ``ulysses_attn.sp_sum`` for both SP modes; ``--loss hf`` uses the model's own
+forward with ``model.loss_function = ulysses_attn.causal_lm_loss`` instead (full logits).
+
+Reported per configuration: step time (median of the timed steps, slowest rank), tokens/s per GPU,
+model TFLOP/s per GPU = (6*N_matmul*S + 6*L*S^2*H*D) / P / step_time (causal attention, no
+recompute counted), peak memory per GPU (max over ranks), the share of the step spent in
+all-to-all (CUDA events around every ``torch.distributed.all_to_all_single``; includes waiting
+for the peer), the gradient all-reduce time, and the attention kernel (ulysses' own choice, and
+the CUDA attention kernels a profiled extra step ran).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+DEV = os.environ.get("BENCH_DEVICE", "cuda")  # "cpu": a gloo dry run of the script logic (tiny model)
+FORMULA = "model TFLOP/s/GPU = (6*N_matmul*S + 6*L*S^2*H*D) / P / step_time / 1e12 (causal attention; recompute not counted)"
+
+SHAPES = {
+    # Llama-3.2-1B
+    "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+               intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True),
+    # Llama-3.1-8B (does not fit an 80 GB GPU without ZeRO-3: 8B params x 8 bytes of bf16 state)
+    "8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+               intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False),
+    # for a quick check of the script
+    "tiny": dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                 intermediate_size=688, vocab_size=4096, tie_word_embeddings=False),
+}
+
+
+def rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def log(msg: str) -> None:
+    if rank0():
+        print(msg, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# timing of the collectives
+# ------------------------------------------------------------------------------------------------
+
+
+class CommTimer:
+    """CUDA events around every ``torch.distributed.all_to_all_single`` (ulysses and DeepSpeed both
+    call it through the module attribute). Elapsed = enqueue of the collective to the point where
+    the compute stream may continue: the transfer plus any wait for the peer ranks."""
+
+    def __init__(self):
+        self.pairs: list = []
+        self.enabled = False
+        self.calls = 0
+        self._orig = None
+
+    def install(self):
+        if self._orig is not None:
+            return
+        self._orig = orig = torch.distributed.all_to_all_single
+
+        def all_to_all_single(*args, **kwargs):
+            if not self.enabled or DEV != "cuda":
+                return orig(*args, **kwargs)
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            out = orig(*args, **kwargs)
+            e.record()
+            self.pairs.append((s, e))
+            self.calls += 1
+            return out
+
+        torch.distributed.all_to_all_single = all_to_all_single
+
+    def start(self):
+        self.pairs, self.calls, self.enabled = [], 0, True
+
+    def stop_ms(self) -> float:
+        self.enabled = False
+        if DEV != "cuda":
+            return 0.0
+        torch.cuda.synchronize()
+        return sum(s.elapsed_time(e) for s, e in self.pairs)
+
+
+TIMER = CommTimer()
+
+
+class _Ev:
+    """CUDA event pair, or a no-op on CPU."""
+
+    def __init__(self):
+        self.ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if DEV == "cuda" else None
+
+    def start(self):
+        if self.ev:
+            self.ev[0].record()
+
+    def stop(self):
+        if self.ev:
+            self.ev[1].record()
+
+    def ms(self) -> float:
+        return self.ev[0].elapsed_time(self.ev[1]) if self.ev else 0.0
+
+
+def sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+# ------------------------------------------------------------------------------------------------
+# model, data, loss
+# ------------------------------------------------------------------------------------------------
+
+
+def make_config(shape: str, seq: int):
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=max(seq, 8192), rms_norm_eps=1e-5,
+                      use_cache=False)
+    cfg.rope_parameters = {"rope_type": "default", "rope_theta": 500000.0}
+    return cfg
+
+
+def n_matmul(model) -> int:
+    """Weights of the matrix products a token goes through (projections, MLP, lm_head), counting a
+    tied lm_head once as a matmul; the embedding lookup is not a matmul."""
+    total = 0
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Linear):
+            total += mod.weight.numel()
+    return total
+
+
+def build_model(shape: str, seq: int, attn: str):
+    from transformers import AutoModelForCausalLM
+
+    cfg = make_config(shape, seq)
+    torch.manual_seed(0)
+    with torch.device(DEV):
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=torch.bfloat16)
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model
+
+
+def make_batch(vocab: int, seq: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (1, seq), generator=g).to(DEV)
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def _chunk_ce(h, weight, labels):
+    logits = F.linear(h, weight).float()
+    return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
+
+
+def tiled_loss_sum(hidden, weight, shift_labels, chunk: int):
+    """Sum of the token cross-entropies, in checkpointed chunks (no full logits)."""
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, hidden.shape[1], chunk):
+        total = total + checkpoint(_chunk_ce, hidden[:, i : i + chunk], weight, shift_labels[:, i : i + chunk],
+                                   use_reentrant=False)
+    return total
+
+
+# ------------------------------------------------------------------------------------------------
+# one configuration
+# ------------------------------------------------------------------------------------------------
+
+
+class Mode:
+    def __init__(self, name: str, sp_size: int, group):
+        self.name, self.P, self.group = name, sp_size, group
+
+
+def loss_for(mode: Mode, model, batch, args):
+    import ulysses_attn
+    from ulysses_attn.comm import all_reduce_sum
+
+    if args.loss == "hf":
+        if mode.P == 1:  # this rank's own sample: the plain (non-SP) loss
+            no_sp = ulysses_attn.SequenceParallel(1, 0, None, 1, 0, None, (0,))
+            model.loss_function = functools.partial(ulysses_attn.causal_lm_loss, sp=no_sp)
+        else:
+            model.loss_function = ulysses_attn.causal_lm_loss
+        return model(**batch).loss
+    out = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
+    local = tiled_loss_sum(out.last_hidden_state, model.lm_head.weight, batch["shift_labels"], args.loss_chunk)
+    count = (batch["shift_labels"] != -100).sum().float()
+    if mode.P > 1:
+        dist.all_reduce(count, group=mode.group)
+        local = all_reduce_sum(local, mode.group)
+    return local / count
+
+
+def shard(mode: Mode, full, sp):
+    import ulysses_attn
+
+    if mode.P == 1:
+        return ulysses_attn.shard_batch(full, sp=ulysses_attn.SequenceParallel(1, 0, None, 1, 0, None, (0,)))
+    return ulysses_attn.shard_batch(full, sp=sp)
+
+
+def sync_grads(model, world: int) -> None:
+    if world == 1:
+        return
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+
+
+def profile_kernels(run_step) -> dict:
+    """Run one step under torch.profiler on rank 0; classify the CUDA kernels by time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if not rank0() or DEV != "cuda":
+        run_step()
+        return {}
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run_step()
+    cats = {"attention": 0.0, "all_to_all": 0.0, "other_comm": 0.0, "gemm": 0.0, "other": 0.0}
+    attn_names: dict[str, float] = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "self_device_time_total", None)
+        if t is None:
+            t = getattr(ev, "self_cuda_time_total", 0.0)
+        if not t or getattr(ev, "device_type", None) is not None and "CUDA" not in str(ev.device_type):
+            continue
+        name = ev.key
+        low = name.lower()
+        if "nccl" in low:
+            cat = "all_to_all" if "alltoall" in low or "sendrecv" in low else "other_comm"
+        elif any(s in low for s in ("flash", "fmha", "sdpa", "attention", "attn", "cudnn")) and "gemm" not in low:
+            cat = "attention"
+            attn_names[name[:120]] = attn_names.get(name[:120], 0.0) + t
+        elif any(s in low for s in ("gemm", "nvjet", "cutlass", "xmma", "sm90_")):
+            cat = "gemm"
+        else:
+            cat = "other"
+        cats[cat] += t
+    total = sum(cats.values()) or 1.0
+    top = sorted(attn_names.items(), key=lambda kv: -kv[1])[:4]
+    return {
+        "kernel_time_share": {k: round(v / total, 4) for k, v in cats.items()},
+        "attention_kernels": [n for n, _ in top],
+    }
+
+
+def run_config(mode_name: str, seq: int, args, sp, alst_state: dict) -> dict:
+    import ulysses_attn
+    from ulysses_attn import kernels
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    label = mode_name
+    mode_name, _, forced = mode_name.partition("@")  # "ulysses@torch_varlen": force the inner kernel
+    if forced:
+        if mode_name != "ulysses":
+            raise ValueError(f"only ulysses takes a forced kernel, got {label!r}")
+        ulysses_attn.set_kernel(forced)
+    elif args.kernel and mode_name == "ulysses":
+        ulysses_attn.set_kernel(args.kernel)
+    else:
+        ulysses_attn.set_kernel(None)
+    if mode_name == "sdpa":
+        mode = Mode("sdpa", 1, None)
+        attn = "sdpa"
+    elif mode_name == "ulysses":
+        mode = Mode("ulysses", sp.size, sp.group)
+        attn = "ulysses_flash"
+    elif mode_name == "alst":
+        attn = "sdpa"
+        mode = Mode("alst", sp.size, None)
+    else:
+        raise ValueError(mode_name)
+    model = build_model(args.model, seq, attn)
+    if mode_name == "alst":
+        if "mpu" not in alst_state:
+            from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+
+            alst_state["mpu"] = UlyssesSPAttentionHF.register_with_transformers(
+                model_name_or_path=model, core_attn_implementation="sdpa", sequence_parallel_size=sp.size,
+                micro_batch_size=1, seq_length_is_variable=True)
+        mode.group = alst_state["mpu"].get_sequence_parallel_group()
+        assert dist.get_process_group_ranks(mode.group) == list(sp.ranks), "ALST and ulysses SP groups differ"
+    cfg = model.config
+    N = n_matmul(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0, fused=DEV == "cuda")
+    # same sample within an SP group, different samples across groups (and across ranks without SP)
+    sample_seed = 1234 + (rank if mode.P == 1 else rank // mode.P)
+    full = make_batch(cfg.vocab_size, seq, sample_seed)
+    batch = shard(mode, full, sp)
+    losses = []
+
+    def step():
+        loss = loss_for(mode, model, batch, args)
+        loss.backward()
+        ev = _Ev()
+        ev.start()
+        sync_grads(model, world)
+        ev.stop()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+        return ev
+
+    kernels._logged.clear()
+    for _ in range(args.warmup):
+        step()
+    sync()
+    if DEV == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, a2a, gsync, calls = [], [], [], 0
+    for _ in range(args.steps):
+        dist.barrier()
+        sync()
+        TIMER.start()
+        t0 = time.perf_counter()
+        ev = step()
+        sync()
+        t1 = time.perf_counter()
+        a2a.append(TIMER.stop_ms())
+        calls = TIMER.calls
+        gsync.append(ev.ms())
+        times.append((t1 - t0) * 1e3)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else 0.0
+    reserved = torch.cuda.max_memory_reserved() / 2**30 if DEV == "cuda" else 0.0
+    prof = profile_kernels(step) if args.profile else {}
+    used = sorted({n for n, _ in kernels._logged}) if mode_name == "ulysses" else []
+
+    # slowest rank decides the step; memory: the largest rank
+    t = torch.tensor([statistics.median(times), max(peak, 0), reserved, statistics.median(a2a), statistics.median(gsync)],
+                     device=DEV, dtype=torch.float64)
+    tmax = t.clone()
+    dist.all_reduce(tmax, op=dist.ReduceOp.MAX)
+    tmean = t.clone()
+    dist.all_reduce(tmean, op=dist.ReduceOp.SUM)
+    tmean /= world
+    step_ms = tmax[0].item()
+    L, H = cfg.num_hidden_layers, cfg.num_attention_heads
+    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
+    flops = 6 * N * seq + 6 * L * seq * seq * H * D
+    result = {
+        "mode": label,
+        "model": args.model,
+        "seq": seq,
+        "P": mode.P,
+        "world": world,
+        "dp": world // mode.P,
+        "step_ms": round(step_ms, 2),
+        "step_ms_all": [round(x, 2) for x in times],
+        "tokens_per_s_per_gpu": round(seq / mode.P / (step_ms / 1e3), 1),
+        "model_tflops_per_gpu": round(flops / mode.P / (step_ms / 1e3) / 1e12, 1),
+        "peak_mem_gib": round(tmax[1].item(), 2),
+        "peak_reserved_gib": round(tmax[2].item(), 2),
+        "a2a_ms": round(tmean[3].item(), 2),
+        "a2a_share": round(tmean[3].item() / step_ms, 4),
+        "a2a_calls_per_step": calls,
+        "grad_allreduce_ms": round(tmean[4].item(), 2),
+        "loss_first_last": [round(losses[0].item(), 4), round(losses[-1].item(), 4)],
+        "N_matmul": N,
+        "attn_flop_share": round(6 * L * seq * seq * H * D / flops, 3),
+        "ulysses_kernel": used,
+        **prof,
+    }
+    del model, opt, batch, full, losses
+    gc.collect()
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def env_info(args) -> dict:
+    import transformers
+
+    info = {
+        "gpu": torch.cuda.get_device_name() if DEV == "cuda" else "cpu (dry run)",
+        "gpu_count": torch.cuda.device_count(),
+        "gpu_mem_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if DEV == "cuda" else 0,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    try:
+        import deepspeed
+
+        info["deepspeed"] = deepspeed.__version__
+    except Exception as e:  # noqa: BLE001
+        info["deepspeed"] = f"unavailable ({type(e).__name__})"
+    commit = os.environ.get("BENCH_GIT_COMMIT")
+    if not commit:
+        try:
+            commit = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
+        except Exception:  # noqa: BLE001
+            commit = "unknown"
+    info["git_commit"] = commit
+    info["setup"] = (
+        f"bf16 params/grads/AdamW states, gradient checkpointing (non-reentrant), no ZeRO: gradients averaged "
+        f"over all {dist.get_world_size()} ranks by all-reduce; loss={args.loss}"
+        + (f" (checkpointed chunks of {args.loss_chunk} tokens)" if args.loss == "tiled" else "")
+        + f"; batch 1 sample per SP group; {args.warmup} warm-up + {args.steps} timed steps (median)"
+    )
+    info["formula"] = FORMULA
+    info["command"] = " ".join(sys.argv)
+    return info
+
+
+def table(results: list[dict]) -> str:
+    head = ("mode", "seq", "P", "step ms", "tok/s/GPU", "TFLOP/s/GPU", "peak GiB", "a2a %", "kernel")
+    rows = []
+    for r in results:
+        if "error" in r:
+            rows.append((r["mode"], r["seq"], r.get("P", ""), "-", "-", "-", "-", "-", r["error"][:60]))
+            continue
+        kern = ",".join(r["ulysses_kernel"]) if r["ulysses_kernel"] else ""
+        if r.get("attention_kernels"):
+            kern = (kern + " " if kern else "") + "[" + _short(r["attention_kernels"][0]) + "]"
+        rows.append((r["mode"], r["seq"], r["P"], f"{r['step_ms']:.0f}", f"{r['tokens_per_s_per_gpu']:.0f}",
+                     f"{r['model_tflops_per_gpu']:.0f}", f"{r['peak_mem_gib']:.1f}", f"{100 * r['a2a_share']:.1f}",
+                     kern))
+    w = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    lines = ["  ".join(str(x).ljust(n) for x, n in zip(head, w))]
+    lines += ["  ".join(str(x).ljust(n) for x, n in zip(row, w)) for row in rows]
+    return "\n".join(lines)
+
+
+def _short(name: str) -> str:
+    low = name.lower()
+    if "cudnn" in low or "sdpa_sm90" in low or "fort_native" in low:
+        return "cuDNN"
+    if "flash" in low:
+        return "flash"
+    if "fmha" in low or "efficient" in low or "cutlassf" in low:
+        return "mem-efficient"
+    return name[:30]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=sorted(SHAPES), default="1b")
+    ap.add_argument("--seq", default="16384", help="comma-separated global sequence lengths")
+    ap.add_argument("--sp", type=int, default=0, help="SP size (default: world size)")
+    ap.add_argument("--modes", default="sdpa,ulysses,alst",
+                    help="comma-separated: sdpa, ulysses, ulysses@<kernel> (forced inner kernel), alst")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--loss", choices=["tiled", "hf"], default="tiled")
+    ap.add_argument("--loss-chunk", type=int, default=4096)
+    ap.add_argument("--kernel", default=None, help="force the ulysses inner kernel (ulysses_attn.set_kernel)")
+    ap.add_argument("--no-profile", dest="profile", action="store_false")
+    ap.add_argument("--min-gpu-gib", type=float, default=0, help="skip every configuration on smaller GPUs")
+    ap.add_argument("--json", default=None, help="write the results here (rank 0)")
+    args = ap.parse_args()
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if DEV == "cuda":
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl", timeout=datetime.timedelta(seconds=600),
+                                device_id=torch.device("cuda", local_rank))
+    else:
+        dist.init_process_group("gloo")
+    world = dist.get_world_size()
+    import ulysses_attn
+
+    sp_size = args.sp or world
+    sp = ulysses_attn.init_sequence_parallel(sp_size)
+    TIMER.install()
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for m in modes:
+        if m.split("@")[0] not in ("sdpa", "ulysses", "alst"):
+            ap.error(f"unknown mode {m!r}")
+    if "alst" in modes:
+        try:
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend="nccl" if DEV == "cuda" else "gloo")
+        except Exception as e:  # noqa: BLE001
+            log(f"DeepSpeed ALST unavailable ({type(e).__name__}: {e}); skipping mode alst")
+            modes.remove("alst")
+    # ALST replaces the global "sdpa" attention for the whole process: run it last
+    modes.sort(key=lambda m: {"sdpa": 0, "ulysses": 1, "alst": 2}[m.split("@")[0]])
+    seqs = [int(s) for s in args.seq.split(",")]
+    info = env_info(args)
+    log(json.dumps(info, indent=1))
+    results, alst_state = [], {}
+    for mode_name in modes:
+        for seq in seqs:
+            log(f"--- {mode_name} seq={seq} P={1 if mode_name == 'sdpa' else sp_size} ---")
+            if args.min_gpu_gib and DEV == "cuda" and torch.cuda.get_device_properties(0).total_memory / 2**30 < args.min_gpu_gib:
+                results.append({"mode": mode_name, "seq": seq, "error": f"skipped: GPU has < {args.min_gpu_gib} GiB"})
+                log(json.dumps(results[-1]))
+                continue
+            try:
+                r = run_config(mode_name, seq, args, sp, alst_state)
+            except torch.OutOfMemoryError as e:
+                r = {"mode": mode_name, "seq": seq, "error": "OOM: " + str(e).split("\n")[0][:200]}
+            except Exception as e:  # noqa: BLE001
+                import traceback
+
+                traceback.print_exc()
+                r = {"mode": mode_name, "seq": seq, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+            gc.collect()
+            if DEV == "cuda":
+                torch.cuda.empty_cache()
+            # all ranks must agree that the configuration failed (they hit the same shapes)
+            failed = torch.tensor([1.0 if "error" in r else 0.0], device=DEV)
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+            if failed.item() and "error" not in r:
+                r = {"mode": mode_name, "seq": seq, "error": "failed on another rank"}
+            results.append(r)
+            log(json.dumps(r))
+            if rank0() and args.json:
+                os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+                with open(args.json, "w") as f:
+                    json.dump({"info": info, "results": results}, f, indent=1)
+    log("\n" + FORMULA)
+    log(info["setup"])
+    log(f"{info['gpu']} x{world}, torch {info['torch']}, transformers {info['transformers']}, "
+        f"deepspeed {info['deepspeed']}, commit {info['git_commit'][:10]}")
+    log(table(results))
+    ulysses_attn.destroy_sequence_parallel()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

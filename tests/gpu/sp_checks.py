@@ -1,0 +1,449 @@
+"""GPU checks of ulysses_attn, run as a script (not collected by pytest; see test_gpu.py).
+
+    python tests/gpu/sp_checks.py kernels --out DIR                         # one GPU
+    torchrun --nproc_per_node 2 tests/gpu/sp_checks.py comm models --out DIR # NCCL, P = world
+
+* ``kernels``: every inner kernel of ``ulysses_attn.available_kernels("cuda")`` against the exact
+  ``reference`` kernel in float64, bf16 (and fp32 where the kernel takes it), forward and backward,
+  for dense, GQA, head_dim 128, packed (position_ids restart), left-padded and sliding-window
+  inputs, each where the kernel supports it.
+* ``comm``: NCCL all-to-all round trip of ``gather_seq_scatter_heads`` / ``gather_heads_scatter_seq``
+  (bitwise), their backward (the adjoint), ``all_gather_seq`` and ``all_reduce_sum``.
+* ``models``: Llama- and Qwen2-architecture models (hidden 256, 4 layers, 8 heads / 2 KV heads,
+  seq 4096; Qwen2 also with sliding-window layers), plain and packed, SP (``ulysses_flash``, every
+  kernel that can run the case) against the same model in one process (HF ``sdpa``): bf16 loss
+  rel. diff <= 1e-2 and gradient cosine >= 0.999; fp32 (``reference``/``sdpa`` kernels vs. SDPA math)
+  loss, logits and gradients rel. err <= 1e-5.
+
+Every case is recorded (``DIR/<check>-rank<r>.json``) and failures are collected rather than
+raised, so one run reports everything; the exit code is 1 when any case failed.
+``SP_CHECKS_DEVICE=cpu`` runs the same code on CPU/gloo (slow; a dry run of the script itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import ulysses_attn
+from ulysses_attn import comm, kernels
+from ulysses_attn.kernels import Layout, attend, layout_from_positions
+
+DEVICE_TYPE = os.environ.get("SP_CHECKS_DEVICE", "cuda")
+FAILURES: list[str] = []
+RECORDS: list[dict] = []
+
+
+def log(msg: str) -> None:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        print(msg, flush=True)
+
+
+def record(check: str, case: str, ok: bool, **metrics) -> None:
+    RECORDS.append({"check": check, "case": case, "ok": bool(ok), **metrics})
+    if not ok:
+        FAILURES.append(f"{check}/{case}: {metrics}")
+    shown = ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
+    log(f"[{'PASS' if ok else 'FAIL'}] {check}/{case}: {shown}")
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return v
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().flatten(), b.double().flatten()
+    return (a @ b / (a.norm() * b.norm()).clamp_min(1e-30)).item()
+
+
+def device() -> torch.device:
+    if DEVICE_TYPE == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def exact_fp32() -> None:
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+
+
+# ------------------------------------------------------------------------------------------------
+# kernels (one process)
+# ------------------------------------------------------------------------------------------------
+
+
+def _packed_positions(B: int, S: int, gen: torch.Generator) -> torch.Tensor:
+    rows = []
+    for _ in range(B):
+        cuts = sorted(torch.randint(1, S, (5,), generator=gen).tolist())
+        lens = [b - a for a, b in zip([0, *cuts], [*cuts, S]) if b > a]
+        rows.append(torch.cat([torch.arange(n) for n in lens]))
+    return torch.stack(rows)
+
+
+def kernel_cases():
+    """(name, B, S, H, Hkv, D, layout kind, window); SP_CHECKS_SCALE=n divides the lengths (CPU dry run)."""
+    n = int(os.environ.get("SP_CHECKS_SCALE", "1"))
+    yield "dense_gqa", 2, 2048 // n, 8, 2, 64, "dense", None
+    yield "dense_mha_d128", 1, 4096 // n, 4, 4, 128, "dense", None
+    yield "dense_mqa_odd_len", 1, 1531 // n, 4, 1, 64, "dense", None
+    yield "packed_gqa", 2, 2048 // n, 8, 2, 64, "packed", None
+    yield "left_padded", 2, 1024 // n, 4, 2, 64, "left_padded", None
+    yield "window", 1, 2048 // n, 8, 2, 64, "dense", 256 // n
+    yield "packed_window", 2, 2048 // n, 8, 2, 64, "packed", 200 // n
+
+
+def _make_layout(kind: str, B: int, S: int, dev, gen) -> Layout:
+    if kind == "dense":
+        return layout_from_positions(torch.arange(S, device=dev).expand(B, S), None)
+    if kind == "packed":
+        return layout_from_positions(_packed_positions(B, S, gen).to(dev), None)
+    if kind == "left_padded":
+        valid = torch.ones(B, S, dtype=torch.bool)
+        for b in range(B):
+            valid[b, : 37 * (b + 1)] = False
+        pos = (valid.long().cumsum(1) - 1).clamp_min(0)
+        return layout_from_positions(pos.to(dev), valid.to(dev))
+    raise ValueError(kind)
+
+
+def _run_kernel(name, q, k, v, do, layout, window):
+    kernels.set_kernel(name)
+    try:
+        q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+        out = attend(q, k, v, layout, causal=True, window=window)
+        out.backward(do)
+        return out.detach(), q.grad, k.grad, v.grad
+    finally:
+        kernels.set_kernel(None)
+
+
+def check_kernels(args) -> None:
+    dev = device()
+    exact_fp32()
+    names = ulysses_attn.available_kernels(dev)
+    log(f"available kernels on {dev}: {names}")
+    record("kernels", "available", "reference" in names and (DEVICE_TYPE != "cuda" or "sdpa" in names), kernels=names)
+    gen = torch.Generator().manual_seed(0)
+    for case, B, S, H, Hkv, D, kind, window in kernel_cases():
+        layout = _make_layout(kind, B, S, dev, gen)
+        base = [torch.randn(B, S, h, D, generator=gen).to(dev) for h in (H, Hkv, Hkv)]
+        do64 = torch.randn(B, S, H, D, generator=gen).to(dev).double()
+        gold = _run_kernel("reference", *(t.double() for t in base), do64, layout, window)
+        bf16_ref = _run_kernel("reference", *(t.bfloat16() for t in base), do64.bfloat16(), layout, window)
+        ref_err = max(rel_err(a, b) for a, b in zip(bf16_ref, gold))
+        for name in names:
+            k = kernels.KERNELS[name]
+            if not kernels._supports(k, layout, window, None, 0.0):
+                log(f"[skip] kernels/{name}/{case}: not supported by the kernel")
+                continue
+            for dtype in (torch.bfloat16, torch.float32):
+                if dtype == torch.float32 and name in ("flash_attn", "torch_varlen"):
+                    continue  # flash kernels take fp16/bf16 only
+                tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+                label = f"{name}/{case}/{str(dtype).split('.')[-1]}"
+                try:
+                    got = _run_kernel(name, *(t.to(dtype) for t in base), do64.to(dtype), layout, window)
+                    errs = {n: rel_err(a, b) for n, a, b in zip(("out", "dq", "dk", "dv"), got, gold)}
+                    finite = all(bool(torch.isfinite(t).all()) for t in got)
+                    record("kernels", label, finite and max(errs.values()) <= tol, **errs,
+                           reference_bf16_err=ref_err, tol=tol)
+                except Exception as e:  # noqa: BLE001 - report every kernel failure
+                    record("kernels", label, False, error=f"{type(e).__name__}: {e}")
+                    traceback.print_exc()
+    # automatic choice: what each layout gets
+    for kind, window in (("dense", None), ("packed", None), ("dense", 256)):
+        layout = _make_layout(kind, 1, 1024, dev, gen)
+        chosen = kernels.choose_kernel(dev, layout, window)
+        record("kernels", f"auto/{kind}/window={window}", chosen in names, chosen=chosen)
+
+
+# ------------------------------------------------------------------------------------------------
+# communication (torchrun)
+# ------------------------------------------------------------------------------------------------
+
+
+def check_comm(args) -> None:
+    sp = ulysses_attn.get_sequence_parallel()
+    P, r, group = sp.size, sp.rank, sp.group
+    dev = device()
+    for dtype in (torch.float32, torch.bfloat16):
+        for B, H, S, D in ((2, 8, 64, 16), (1, 4 * P, 1000, 128), (1, 32, 8192, 128)):
+            label = f"a2a/{str(dtype).split('.')[-1]}/B{B}H{H}S{S}D{D}"
+            try:
+                g = torch.Generator(device="cpu").manual_seed(1000 + r)
+                # a non-contiguous input, as the attention gets it ([B, S, H, D] viewed as [B, H, S, D])
+                x = torch.randn(B, S, H, D, generator=g).to(dev, dtype).transpose(1, 2).requires_grad_(True)
+                y = comm.gather_seq_scatter_heads(x, group)
+                full = comm.all_gather_seq(x.detach(), group, dim=2)  # [B, H, S*P, D]
+                expect = full[:, r * H // P : (r + 1) * H // P]
+                fwd_ok = y.shape == (B, H // P, S * P, D) and torch.equal(y, expect)
+                z = comm.gather_heads_scatter_seq(y, group)
+                round_ok = torch.equal(z, x.detach())
+                gy = torch.randn(y.shape, generator=g).to(dev, dtype)
+                y.backward(gy)
+                adj_ok = torch.equal(x.grad, comm.gather_heads_scatter_seq(gy, group))
+                # <y, gy> summed over ranks == <x, x.grad> summed over ranks
+                lhs = (y.detach().double() * gy.double()).sum()
+                rhs = (x.detach().double() * x.grad.double()).sum()
+                both = torch.stack([lhs, rhs])
+                dist.all_reduce(both, group=group)
+                dot_ok = math.isclose(both[0].item(), both[1].item(), rel_tol=1e-9, abs_tol=1e-6)
+                record("comm", label, fwd_ok and round_ok and adj_ok and dot_ok,
+                       forward=fwd_ok, round_trip=round_ok, backward=adj_ok, adjoint_dot=dot_ok)
+            except Exception as e:  # noqa: BLE001
+                record("comm", label, False, error=f"{type(e).__name__}: {e}")
+                traceback.print_exc()
+    # all_reduce_sum: forward sum, backward sums the upstream gradients of all ranks
+    try:
+        x = torch.full((3,), float(r + 1), device=dev, requires_grad=True)
+        s = comm.all_reduce_sum(x, group)
+        (s * (r + 1)).sum().backward()
+        want_s = P * (P + 1) / 2
+        ok = torch.allclose(s.detach(), torch.full_like(s, want_s)) and torch.allclose(x.grad, torch.full_like(x, want_s))
+        record("comm", "all_reduce_sum", ok, value=s[0].item(), grad=x.grad[0].item(), expect=want_s)
+    except Exception as e:  # noqa: BLE001
+        record("comm", "all_reduce_sum", False, error=f"{type(e).__name__}: {e}")
+    # informative bandwidth of the all-to-all at a real layer size (Llama-8B q at 32K tokens, P ranks)
+    if DEVICE_TYPE == "cuda":
+        x = torch.randn(1, 32, 32768 // P, 128, device=dev, dtype=torch.bfloat16)
+        for _ in range(3):
+            comm.gather_seq_scatter_heads(x, group)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        n = 10
+        for _ in range(n):
+            comm.gather_seq_scatter_heads(x, group)
+        torch.cuda.synchronize()
+        dt = (time.perf_counter() - t0) / n
+        nbytes = x.numel() * x.element_size()
+        record("comm", "a2a_bandwidth_info", True, msg_MB=nbytes / 1e6, ms=dt * 1e3,
+               algbw_GBps=nbytes / dt / 1e9, busbw_GBps=nbytes * (P - 1) / P / dt / 1e9)
+
+
+# ------------------------------------------------------------------------------------------------
+# models (torchrun)
+# ------------------------------------------------------------------------------------------------
+
+VOCAB = 2048
+SEQ = int(os.environ.get("SP_CHECKS_SEQ", "4096"))
+
+
+def model_config(name: str):
+    from transformers import LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=VOCAB, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2 * SEQ,
+                  initializer_range=0.05)
+    if name == "llama":
+        return LlamaConfig(**common)
+    if name == "qwen2":  # q/k/v bias
+        return Qwen2Config(**common)
+    if name == "qwen2_swa":  # layers 2 and 3 use a sliding window shorter than the sequence
+        return Qwen2Config(**common, use_sliding_window=True, sliding_window=SEQ // 5, max_window_layers=2)
+    raise ValueError(name)
+
+
+def build(name: str, attn: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(model_config(name), attn_implementation=attn, dtype=torch.float32)
+    return model.to(device=device(), dtype=dtype)
+
+
+def make_batch(kind: str):
+    g = torch.Generator().manual_seed(7)
+    S = SEQ - 3  # not a multiple of P: shard_batch pads
+    ids = torch.randint(1, VOCAB, (1, S), generator=g)
+    batch = {"input_ids": ids, "labels": ids.clone(), "use_cache": False}
+    if kind == "packed":
+        lens = [S // 3, 17, S // 2]
+        lens.append(S - sum(lens))
+        batch["position_ids"] = torch.cat([torch.arange(n) for n in lens])[None]
+        starts = torch.tensor([0, *torch.tensor(lens).cumsum(0)[:-1].tolist()])
+        batch["labels"][0, starts] = -100  # DataCollatorWithFlattening masks each document's first token
+    return {k: v.to(device()) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _sp_run(model, batch):
+    sp = ulysses_attn.get_sequence_parallel()
+    shard = ulysses_attn.shard_batch(batch)
+    out = model(**shard)
+    out.loss.backward()
+    seq = batch["input_ids"].shape[1]
+    logits = comm.all_gather_seq(out.logits.detach().float(), sp.group)[:, :seq]
+    grads = {}
+    for n, p in model.named_parameters():
+        gr = p.grad.detach().float().clone()
+        dist.all_reduce(gr)
+        grads[n] = gr / dist.get_world_size()  # what DDP's mean hands the optimizer
+    return out.loss.item(), logits, grads
+
+
+def _compare(ref_loss, ref_logits, ref_grads, sp_loss, sp_logits, sp_grads):
+    flat_r = torch.cat([g.flatten().double() for g in ref_grads.values()])
+    flat_s = torch.cat([sp_grads[n].flatten().double() for n in ref_grads])
+    per_cos = {n: cosine(sp_grads[n], g) for n, g in ref_grads.items()}
+    per_rel = {n: rel_err(sp_grads[n], g) for n, g in ref_grads.items()}
+    worst_cos = min(per_cos, key=per_cos.get)
+    worst_rel = max(per_rel, key=per_rel.get)
+    return {
+        "loss_sp": sp_loss,
+        "loss_ref": ref_loss,
+        "loss_rel": abs(sp_loss - ref_loss) / abs(ref_loss),
+        "logits_rel": rel_err(sp_logits, ref_logits),
+        "grad_cos": cosine(flat_s, flat_r),
+        "grad_rel": rel_err(flat_s, flat_r),
+        "min_param_cos": per_cos[worst_cos],
+        "min_param_cos_name": worst_cos,
+        "max_param_rel": per_rel[worst_rel],
+        "max_param_rel_name": worst_rel,
+    }
+
+
+def _reference(name, batch, dtype):
+    ref = build(name, "sdpa", dtype)
+    ctx = torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]) if dtype == torch.float32 else _null()
+    with ctx:
+        out = ref(**batch)
+        out.loss.backward()
+    grads = {n: p.grad.detach().float().clone() for n, p in ref.named_parameters()}
+    loss, logits = out.loss.item(), out.logits.detach().float()
+    del ref, out
+    return loss, logits, grads
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def check_models(args) -> None:
+    P = ulysses_attn.get_sequence_parallel().size
+    dev = device()
+    names = ulysses_attn.available_kernels(dev)
+    for name in ("llama", "qwen2", "qwen2_swa"):
+        for kind in ("plain", "packed"):
+            batch = make_batch(kind)
+            window = model_config(name).sliding_window if name == "qwen2_swa" else None
+            segmented = kind == "packed"
+            for dtype in (torch.bfloat16, torch.float32):
+                dname = str(dtype).split(".")[-1]
+                try:
+                    ref = _reference(name, batch, dtype)
+                except Exception as e:  # noqa: BLE001
+                    record("models", f"{name}/{kind}/{dname}/reference", False, error=f"{type(e).__name__}: {e}")
+                    traceback.print_exc()
+                    continue
+                if dtype == torch.bfloat16:
+                    todo = [None] + [n for n in names if n not in ("reference",)]
+                    todo.append("reference")
+                else:
+                    todo = [n for n in ("reference", "sdpa") if n in names]
+                for kname in todo:
+                    if kname is not None:
+                        k = kernels.KERNELS[kname]
+                        fake = Layout() if not segmented else Layout(segment_ids=torch.zeros(1))
+                        if not kernels._supports(k, fake, window, None, 0.0):
+                            continue
+                        if dtype == torch.float32 and kname in ("flash_attn", "torch_varlen"):
+                            continue
+                    label = f"{name}/{kind}/{dname}/P{P}/{kname or 'auto'}"
+                    kernels.set_kernel(kname)
+                    kernels._logged.clear()
+                    try:
+                        model = build(name, "ulysses_flash", dtype)
+                        model.loss_function = ulysses_attn.causal_lm_loss
+                        m = _compare(*ref, *_sp_run(model, batch))
+                        used = sorted({n for n, _ in kernels._logged})
+                        del model
+                        if dtype == torch.bfloat16:
+                            ok = m["loss_rel"] <= 1e-2 and m["grad_cos"] >= 0.999 and m["min_param_cos"] >= 0.99
+                        else:
+                            ok = m["loss_rel"] <= 1e-5 and m["logits_rel"] <= 1e-5 and m["grad_rel"] <= 1e-5 \
+                                and m["max_param_rel"] <= 1e-4
+                        ok = ok and all(math.isfinite(v) for v in m.values() if isinstance(v, float))
+                        record("models", label, ok, kernels_used=used, **m)
+                    except Exception as e:  # noqa: BLE001
+                        record("models", label, False, error=f"{type(e).__name__}: {e}")
+                        traceback.print_exc()
+                    finally:
+                        kernels.set_kernel(None)
+                        if DEVICE_TYPE == "cuda":
+                            torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("checks", nargs="+", choices=["kernels", "comm", "models"])
+    ap.add_argument("--out", default=None, help="folder for the JSON records")
+    args = ap.parse_args()
+    distributed = "WORLD_SIZE" in os.environ
+    if DEVICE_TYPE == "cuda":
+        if not torch.cuda.is_available():
+            print("CUDA is not available", file=sys.stderr)
+            return 2
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if distributed:
+        backend = "nccl" if DEVICE_TYPE == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=300),
+                                device_id=device() if DEVICE_TYPE == "cuda" else None)
+        ulysses_attn.init_sequence_parallel(dist.get_world_size())
+    elif any(c != "kernels" for c in args.checks):
+        print("comm/models need torchrun (WORLD_SIZE unset)", file=sys.stderr)
+        return 2
+    info = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if DEVICE_TYPE == "cuda" else "cpu",
+            "world": dist.get_world_size() if distributed else 1}
+    import transformers
+
+    info["transformers"] = transformers.__version__
+    log(f"sp_checks {args.checks} {info}")
+    t0 = time.time()
+    for c in args.checks:
+        {"kernels": check_kernels, "comm": check_comm, "models": check_models}[c](args)
+    rank = dist.get_rank() if distributed else 0
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, f"{'-'.join(args.checks)}-P{info['world']}-rank{rank}.json"), "w") as f:
+            json.dump({"info": info, "records": RECORDS, "failures": FAILURES}, f, indent=1, default=str)
+    # every rank must pass
+    bad = torch.tensor([len(FAILURES)], device=device() if distributed else "cpu")
+    if distributed:
+        dist.all_reduce(bad)
+    log(f"sp_checks {args.checks}: {len(RECORDS)} cases, {int(bad.item())} failures (all ranks), {time.time() - t0:.1f}s")
+    for f in FAILURES:
+        print(f"rank {rank} FAILED {f}", flush=True)
+    if distributed:
+        ulysses_attn.destroy_sequence_parallel()
+        dist.destroy_process_group()
+    return 1 if int(bad.item()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""GPU tests: run tests/gpu/sp_checks.py on CUDA (one process, then torchrun with 2 and 4 GPUs).
+
+Skipped without CUDA (CPU CI) and when the machine has fewer GPUs than a test needs. On the GPU
+machine: ``pytest tests/gpu -v`` (each torchrun is one subprocess; its log is printed on failure
+and its JSON records land in ``$SP_CHECKS_OUT`` when set).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA GPUs"),
+]
+
+HERE = Path(__file__).resolve().parent
+SCRIPT = HERE / "sp_checks.py"
+ROOT = HERE.parent.parent
+
+
+def _run(cmd: list[str], tmp_path: Path, timeout: int = 900) -> None:
+    out = Path(os.environ.get("SP_CHECKS_OUT", tmp_path))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.setdefault("NCCL_NVLS_ENABLE", "0")  # keep NVLink multicast off
+    env.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    env.pop("SP_CHECKS_DEVICE", None)
+    proc = subprocess.run(cmd + ["--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    print(proc.stdout)
+    if proc.returncode != 0:
+        print(proc.stderr[-20000:], file=sys.stderr)
+    failures = []
+    for f in sorted(out.glob("*.json")):
+        failures += json.loads(f.read_text()).get("failures", [])
+    assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}; failures: {failures}"
+
+
+def test_kernels_against_reference(tmp_path):
+    _run([sys.executable, str(SCRIPT), "kernels"], tmp_path)
+
+
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_sequence_parallel_nccl(nproc, tmp_path):
+    if torch.cuda.device_count() < nproc:
+        pytest.skip(f"needs {nproc} GPUs, found {torch.cuda.device_count()}")
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), str(SCRIPT),
+          "comm", "models"], tmp_path)
