@@ -129,12 +129,10 @@ def _reference(q, k, v, layout: Layout, *, causal, scale, dropout, window, softc
 
 
 def _sdpa(q, k, v, layout: Layout, *, causal, scale, dropout, window, softcap):
-    H, Hkv = q.shape[2], k.shape[2]
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    if Hkv != H:
-        k = k.repeat_interleave(H // Hkv, dim=1)
-        v = v.repeat_interleave(H // Hkv, dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal, scale=scale)
+    out = F.scaled_dot_product_attention(
+        q, k, v, dropout_p=dropout, is_causal=causal, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
+    )
     return out.transpose(1, 2)
 
 

@@ -152,7 +152,8 @@ def attach(trainer, sp: SequenceParallel | None = None) -> None:
             f"got {type(trainer.model).__name__}."
         )
     reconcile_sequence_parallel_size(trainer, sp.size)
-    if not isinstance(trainer, fused_trainer_classes()):
+    sharded_inputs = not isinstance(trainer, fused_trainer_classes())
+    if sharded_inputs:
         # TRL's fused-head trainers keep whole batches and shard inside the forward (integrations/trl.py)
         for m in heads:
             m.loss_function = causal_lm_loss
@@ -169,7 +170,9 @@ def attach(trainer, sp: SequenceParallel | None = None) -> None:
         return loader
 
     trainer.accelerator.prepare_data_loader = _prepare_data_loader
-    trainer.accelerator.gather_for_metrics = functools.partial(_gather_for_metrics, trainer.accelerator, sp)
+    trainer.accelerator.gather_for_metrics = functools.partial(
+        _gather_for_metrics, trainer.accelerator, sp, sharded_inputs
+    )
     trainer.gather_function = trainer.accelerator.gather_for_metrics
     trainer._ulysses_sp = sp
 
@@ -188,11 +191,13 @@ def shard_over_dp_groups(loader, sp: SequenceParallel) -> None:
             obj.num_processes, obj.process_index = sp.dp_size, sp.dp_rank
 
 
-def _gather_for_metrics(accelerator, sp: SequenceParallel, input_data, use_gather_object: bool = False):
+def _gather_for_metrics(
+    accelerator, sp: SequenceParallel, sharded_inputs: bool, input_data, use_gather_object: bool = False
+):
     """``Accelerator.gather_for_metrics`` for SP.
 
-    Inside the SP group, per-token tensors (``dim >= 2``: logits, labels) are re-assembled along
-    the sequence and per-sample values (``dim <= 1``: losses) are averaged -- each rank's loss is
+    Inside the SP group, per-token tensors (``dim >= 2``: logits, labels) of sharded inputs are
+    re-assembled along the sequence (TRL's fused trainers already hold whole sequences) and per-sample values (``dim <= 1``: losses) are averaged -- each rank's loss is
     its shard's share of the sample's loss (``num_items_in_batch`` convention) or already the full
     value. The result is then gathered over the DP group exactly as a run without SP on
     ``dp_size`` processes gathers it, dropping the duplicated tail of the last batch likewise.
@@ -206,7 +211,8 @@ def _gather_for_metrics(accelerator, sp: SequenceParallel, input_data, use_gathe
 
     def gather(t: torch.Tensor) -> torch.Tensor:
         if t.dim() >= 2:
-            t = all_gather_seq(t, sp.group, dim=1)
+            if sharded_inputs:
+                t = all_gather_seq(t, sp.group, dim=1)
         else:
             t = t.reshape(-1).clone()
             dist.all_reduce(t, group=sp.group)
