@@ -164,6 +164,8 @@ def _torch_varlen(q, k, v, layout: Layout, *, causal, scale, dropout, window, so
     params = inspect.signature(varlen_attn).parameters
     if "window_size" in params:
         kwargs["window_size"] = (window - 1 if window else -1, 0 if causal else -1)
+    elif window:
+        raise NotImplementedError("this torch's varlen_attn has no window_size: sliding windows need torch >= 2.11")
     else:
         kwargs["is_causal"] = causal
     if "enable_gqa" in params:
@@ -191,6 +193,8 @@ def _flash_attn(q, k, v, layout: Layout, *, causal, scale, dropout, window, soft
     if softcap:
         kwargs["softcap"] = softcap
     if dropout:
+        if fa.__name__ != "flash_attn":
+            raise NotImplementedError("FlashAttention-3 has no attention dropout; set attention_dropout=0.")
         kwargs["dropout_p"] = dropout
     if layout.dense:
         out = fa.flash_attn_func(q, k, v, **kwargs)

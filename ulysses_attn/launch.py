@@ -17,25 +17,38 @@ import sys
 from .integrations.trainer import enable
 
 
+def _split(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Split ``argv`` into the launcher's own options and ``[script.py | -m module] args...``."""
+    takes_value = {"--sp-size", "--kernel"}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "-m" or not arg.startswith("-"):
+            return argv[:i], argv[i:]
+        i += 1 if "=" in arg or arg not in takes_value else 2
+    return argv, []
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ulysses_attn.launch", description=__doc__.split("\n\n")[0])
+    own, target = _split(list(sys.argv[1:] if argv is None else argv))
+    parser = argparse.ArgumentParser(
+        prog="python -m ulysses_attn.launch", usage="%(prog)s [--sp-size N] [--kernel K] (script.py | -m module) [args]"
+    )
     parser.add_argument("--sp-size", type=int, default=None,
                         help="sequence-parallel size (default: $ULYSSES_SP_SIZE or the DeepSpeed config's "
                              "sequence_parallel_size)")
     parser.add_argument("--kernel", default=None, help="force the inner attention kernel (see ulysses_attn.kernels)")
-    parser.add_argument("-m", dest="module", default=None, help="run a module (like python -m) instead of a script")
-    parser.add_argument("target", nargs=argparse.REMAINDER, help="script.py [script args] (or module args with -m)")
-    args = parser.parse_args(argv)
-    if args.module is None and not args.target:
+    args = parser.parse_args(own)
+    if not target or (target[0] == "-m" and len(target) < 2):
         parser.error("give a script to run (or -m module)")
     enable(args.sp_size, kernel=args.kernel)
-    if args.module is not None:
-        sys.argv = [args.module, *args.target]
-        runpy.run_module(args.module, run_name="__main__", alter_sys=True)
+    if target[0] == "-m":
+        sys.argv = [target[1], *target[2:]]
+        runpy.run_module(target[1], run_name="__main__", alter_sys=True)
     else:
-        sys.argv = list(args.target)
-        sys.path.insert(0, os.path.dirname(os.path.abspath(args.target[0])))  # as `python script.py` does
-        runpy.run_path(args.target[0], run_name="__main__")
+        sys.argv = list(target)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(target[0])))  # as `python script.py` does
+        runpy.run_path(target[0], run_name="__main__")
 
 
 if __name__ == "__main__":

@@ -116,8 +116,16 @@ def _patch_trainer() -> None:
     def __init__(self, *args, **kwargs):
         original(self, *args, **kwargs)
         sp = get_sequence_parallel()
-        if sp is not None and sp.size > 1 and _uses_ulysses(self.model):
+        if sp is None or sp.size == 1:
+            return
+        if _uses_ulysses(self.model):
             attach(self, sp)
+        else:
+            logger.warning(
+                "ulysses_attn: sequence parallelism (size %d) is enabled but %s's model does not use "
+                'attn_implementation="ulysses_flash": it trains with plain data parallelism over all ranks.',
+                sp.size, type(self).__name__,
+            )
 
     __init__._ulysses_patched = True
     Trainer.__init__ = __init__

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import logging
 
 import torch
 
@@ -28,6 +29,8 @@ from ..comm import all_gather_seq
 from ..compat import ATTN_IMPLEMENTATION
 from ..data import IGNORE_INDEX, shard_batch
 from ..groups import get_sequence_parallel
+
+logger = logging.getLogger("ulysses_attn")
 
 __all__ = ["patch_trl", "fused_trainer_classes", "sequence_parallel_fused_forward"]
 
@@ -40,6 +43,10 @@ def fused_trainer_classes() -> tuple[type, ...]:
     try:
         import trl
     except ImportError:
+        return ()
+    from packaging.version import Version
+
+    if Version(trl.__version__) < Version("1.16.0"):
         return ()
     return tuple(getattr(trl, name) for name in ("SFTTrainer", "DPOTrainer") if hasattr(trl, name))
 
@@ -102,12 +109,12 @@ def patch_trl() -> None:
         return
     from packaging.version import Version
 
-    if Version(trl.__version__) < Version("1.16.0"):
-        raise ImportError(f"ulysses_attn's TRL integration needs trl>=1.16 (fused LM head); found {trl.__version__}.")
     for name in _MODULES:
         module = importlib.import_module(name)
         original = getattr(module, "add_fused_lm_head", None)
-        if original is None:
-            raise ImportError(f"{name}.add_fused_lm_head not found: unsupported trl {trl.__version__}.")
+        if Version(trl.__version__) < Version("1.16.0") or original is None:
+            logger.warning("ulysses_attn: trl %s has no fused LM head; TRL trainers are not sequence-parallel "
+                           "(needs trl>=1.16).", trl.__version__)
+            return
         if not getattr(original, "_ulysses_patched", False):
             module.add_fused_lm_head = _wrap_add_fused_lm_head(original)
