@@ -22,3 +22,15 @@ def baselines(tmp_path_factory):
         return cache[name]
 
     return get
+
+
+@pytest.fixture(autouse=True)
+def _clean_sequence_parallel_state():
+    """Every test starts and ends without an SP group or a forced kernel."""
+    import ulysses_attn
+
+    ulysses_attn.destroy_sequence_parallel()
+    ulysses_attn.set_kernel(None)
+    yield
+    ulysses_attn.destroy_sequence_parallel()
+    ulysses_attn.set_kernel(None)

@@ -18,15 +18,6 @@ from ulysses_attn.attention import check_heads, ulysses_flash_attention
 from ulysses_attn.loss import causal_lm_loss
 
 
-@pytest.fixture(autouse=True)
-def _clean_state():
-    ulysses_attn.destroy_sequence_parallel()
-    ulysses_attn.set_kernel(None)
-    yield
-    ulysses_attn.destroy_sequence_parallel()
-    ulysses_attn.set_kernel(None)
-
-
 def _catch(fn):
     """Run ``fn``; return ``None`` on success or ``(exception type name, message)``."""
     try:

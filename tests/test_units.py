@@ -20,15 +20,6 @@ from ulysses_attn.comm import all_gather_seq, all_reduce_sum, gather_heads_scatt
 from ulysses_attn.kernels import Layout, layout_from_positions
 
 
-@pytest.fixture(autouse=True)
-def _clean_state():
-    ulysses_attn.destroy_sequence_parallel()
-    ulysses_attn.set_kernel(None)
-    yield
-    ulysses_attn.destroy_sequence_parallel()
-    ulysses_attn.set_kernel(None)
-
-
 def fake_sp(size: int, rank: int, dp_size: int = 1, dp_rank: int = 0) -> SequenceParallel:
     return SequenceParallel(size=size, rank=rank, group=None, dp_size=dp_size, dp_rank=dp_rank, dp_group=None)
 
