@@ -148,3 +148,25 @@ def test_sft_padded_completion_only_p2():
 
 def test_sft_padding_free_lora_p4():
     _compare(4, "sft", {"padding_free": True, "lora": True})
+
+
+def _unsupported_worker(rank, world):
+    import trl.trainer.dpo_trainer as dpo
+
+    ulysses_attn.enable(sp_size=world)  # wraps dpo.add_fused_lm_head, as DPOTrainer looks it up
+    model = tiny_model("llama", 40, "ulysses_flash", seed=0)
+    dpo.add_fused_lm_head(model)
+    ids = torch.randint(1, 40, (1, 12))
+    out = model(input_ids=ids, labels=ids, fused_lm_head=True)  # supported: full-sequence per-token outputs
+    try:
+        model(input_ids=ids)  # full logits (label smoothing, compute_loss_func, generation)
+        error = None
+    except NotImplementedError as e:
+        error = str(e)
+    return {"log_probs_shape": tuple(out.log_probs.shape), "error": error}
+
+
+def test_options_needing_full_logits_raise_under_sp():
+    for r in run_distributed(_unsupported_worker, 2):
+        assert r["log_probs_shape"] == (1, 11)
+        assert r["error"] and "fused LM head" in r["error"] and "label smoothing" in r["error"]
