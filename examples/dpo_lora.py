@@ -22,7 +22,7 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig, DPOTrainer
 
-from sft_trainer import HERE, char_tokenizer, tiny_model
+from sft_trainer import HERE, char_tokenizer, save_log_history, tiny_model
 
 
 def main():
@@ -56,9 +56,7 @@ def main():
     trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                          peft_config=lora)
     trainer.train()
-    if trainer.is_world_process_zero():
-        with open(os.path.join(args.output_dir, "log_history.json"), "w") as f:
-            json.dump(trainer.state.log_history, f, indent=1)
+    save_log_history(trainer, args.output_dir)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from datasets import Dataset
 from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 
-from sft_trainer import HERE, char_tokenizer, tiny_model
+from sft_trainer import HERE, char_tokenizer, save_log_history, tiny_model
 
 
 def main():
@@ -46,9 +46,7 @@ def main():
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                          peft_config=lora)
     trainer.train()
-    if trainer.is_world_process_zero():
-        with open(os.path.join(args.output_dir, "log_history.json"), "w") as f:
-            json.dump(trainer.state.log_history, f, indent=1)
+    save_log_history(trainer, args.output_dir)
 
 
 if __name__ == "__main__":

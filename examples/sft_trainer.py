@@ -50,6 +50,14 @@ def tiny_model(arch: str, vocab_size: int, attn: str, seed: int):
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
 
 
+def save_log_history(trainer, output_dir: str) -> None:
+    """Write the logged metrics of a finished run to output_dir/log_history.json (main process)."""
+    if trainer.is_world_process_zero():
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, "log_history.json"), "w") as f:
+            json.dump(trainer.state.log_history, f, indent=1)
+
+
 class LongestSequenceSeen(TrainerCallback):
     """Records the longest sequence any decoder layer processed (a plain forward hook)."""
 

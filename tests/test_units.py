@@ -3,7 +3,6 @@ sampler, and the transformers compatibility layer (mostly single process; one 4-
 
 from __future__ import annotations
 
-import math
 import pickle
 
 import pytest

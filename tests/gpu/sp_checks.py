@@ -33,7 +33,6 @@ import traceback
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import ulysses_attn
 from ulysses_attn import comm, kernels
