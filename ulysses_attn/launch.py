@@ -49,6 +49,17 @@ def main(argv: list[str] | None = None) -> None:
         sys.argv = list(target)
         sys.path.insert(0, os.path.dirname(os.path.abspath(target[0])))  # as `python script.py` does
         runpy.run_path(target[0], run_name="__main__")
+    _shutdown()
+
+
+def _shutdown() -> None:
+    # Tear the process groups down before interpreter exit: gloo's threads can otherwise abort the
+    # process at exit ("terminate called without an active exception") after a successful run.
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
