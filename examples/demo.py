@@ -26,20 +26,23 @@ ROOT = os.path.dirname(HERE)
 SCRIPT = os.path.join(HERE, "sft_trainer.py")
 
 
-def run_example(out_dir, nproc=1, sp=None, launcher="torchrun", extra=(), deepspeed_config=None, timeout=900):
+def run_example(out_dir, nproc=1, sp=None, launcher="torchrun", extra=(), deepspeed_config=None, timeout=900,
+                launch_flags=(), env=None):
     """Run examples/sft_trainer.py; return (result.json contents, final weights). Raises with the
     tail of the logs on failure.
 
     ``sp``: None (no SP), an int (``--sp-size``) or ``"config"`` (size from the DeepSpeed config).
     ``deepspeed_config``: a DeepSpeed JSON, launched through ``accelerate launch --use_deepspeed``.
+    ``launch_flags``: more ``ulysses_attn.launch`` options (e.g. ``--long-sequence``); ``env``: extra
+    environment variables.
     """
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
     script = [SCRIPT, "--output_dir", str(out_dir), *extra]
     if sp is not None:
         size = [] if sp == "config" else ["--sp-size", str(sp)]
-        script = ["-m", "ulysses_attn.launch", *size, *script, "--attn", "ulysses_flash"]
+        script = ["-m", "ulysses_attn.launch", *size, *launch_flags, *script, "--attn", "ulysses_flash"]
     if deepspeed_config is not None:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed",
                f"--deepspeed_config_file={deepspeed_config}", f"--num_processes={nproc}", "--num_machines=1",

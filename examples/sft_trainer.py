@@ -59,17 +59,27 @@ def save_log_history(trainer, output_dir: str) -> None:
 
 
 class LongestSequenceSeen(TrainerCallback):
-    """Records the longest sequence any decoder layer processed (a plain forward hook)."""
+    """Records the longest sequence any decoder layer processed, and the most token rows the LM
+    head (in training) and a decoder MLP's down projection processed in one call (plain forward hooks)."""
 
     def __init__(self, model):
-        self.longest = 0
+        self.longest = self.head_rows = self.mlp_rows = 0
         layers = model.model.layers if hasattr(model, "model") else []
         for layer in layers:
             layer.register_forward_pre_hook(self._hook, with_kwargs=True)
+            layer.mlp.down_proj.register_forward_hook(self._mlp_hook)
+        model.get_output_embeddings().register_forward_hook(self._head_hook)
 
     def _hook(self, module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         self.longest = max(self.longest, hidden.shape[1])
+
+    def _head_hook(self, module, args, output):
+        if module.training:
+            self.head_rows = max(self.head_rows, output[..., 0].numel())
+
+    def _mlp_hook(self, module, args, output):
+        self.mlp_rows = max(self.mlp_rows, output[..., 0].numel())
 
 
 def main():
@@ -138,6 +148,8 @@ def main():
         torch.save({k: v.detach().cpu() for k, v in state.items()}, os.path.join(args.output_dir, "weights.pt"))
         with open(os.path.join(args.output_dir, "result.json"), "w") as f:
             json.dump({"log_history": trainer.state.log_history, "longest_sequence_seen": seen.longest,
+                       "lm_head_rows_max": seen.head_rows, "mlp_rows_max": seen.mlp_rows,
+                       "activation_checkpointing": trainer.model.is_activation_checkpointing,
                        "world_size": training_args.world_size}, f, indent=1)
 
 

@@ -6,6 +6,7 @@ Tensors use the HF attention layout ``[batch, heads, seq, head_dim]``.
 * :func:`gather_heads_scatter_seq`: ``[B, H/P, S, D] -> [B, H, S/P, D]`` (after attention)
 * :func:`all_gather_seq`: ``[B, S/P, ...] -> [B, S, ...]`` (positions, masks, per-token outputs)
 * :func:`all_reduce_sum`: differentiable sum over the group (losses, per-sequence log-probs)
+* :func:`chunk_count`: how many chunks a tiled computation runs (the same on every rank under ZeRO-3)
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["gather_seq_scatter_heads", "gather_heads_scatter_seq", "all_gather_seq", "all_reduce_sum"]
+__all__ = ["gather_seq_scatter_heads", "gather_heads_scatter_seq", "all_gather_seq", "all_reduce_sum", "chunk_count"]
 
 
 def _all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group) -> torch.Tensor:
@@ -101,3 +102,17 @@ class _AllReduceSum(torch.autograd.Function):
 def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
     """Differentiable ``sum`` of ``x`` over the group; every rank gets the total."""
     return _AllReduceSum.apply(x, group)
+
+
+def chunk_count(rows: int, chunk: int, device: torch.device) -> int:
+    """``ceil(rows / chunk)`` (at least 1), raised to the largest value over all ranks under
+    DeepSpeed ZeRO-3: there each call of a module gathers its parameters with a collective, so
+    every rank must call a chunked module the same number of times."""
+    count = max(1, -(-rows // chunk))
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if dist.is_initialized() and is_deepspeed_zero3_enabled():
+        t = torch.tensor([count], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        count = int(t.item())
+    return count

@@ -3,6 +3,7 @@
     torchrun --nproc_per_node 4 -m ulysses_attn.launch --sp-size 4 train.py --my-args ...
     accelerate launch --num_processes 4 -m ulysses_attn.launch --sp-size 2 train.py ...
     python -m ulysses_attn.launch --sp-size 2 -m my_package.train ...
+    torchrun --nproc_per_node 8 -m ulysses_attn.launch --sp-size 8 --long-sequence train.py ...
 
 The script only has to load its model with ``attn_implementation="ulysses_flash"``.
 """
@@ -32,16 +33,19 @@ def _split(argv: list[str]) -> tuple[list[str], list[str]]:
 def main(argv: list[str] | None = None) -> None:
     own, target = _split(list(sys.argv[1:] if argv is None else argv))
     parser = argparse.ArgumentParser(
-        prog="python -m ulysses_attn.launch", usage="%(prog)s [--sp-size N] [--kernel K] (script.py | -m module) [args]"
+        prog="python -m ulysses_attn.launch", usage="%(prog)s [--sp-size N] [--kernel K] [--long-sequence] (script.py | -m module) [args]"
     )
     parser.add_argument("--sp-size", type=int, default=None,
                         help="sequence-parallel size (default: $ULYSSES_SP_SIZE or the DeepSpeed config's "
                              "sequence_parallel_size)")
     parser.add_argument("--kernel", default=None, help="force the inner attention kernel (see ulysses_attn.kernels)")
+    parser.add_argument("--long-sequence", action="store_true",
+                        help="turn on every memory saving: chunked loss, tiled MLP, activation checkpointing with "
+                             "CPU offload (docs/long-sequences.md)")
     args = parser.parse_args(own)
     if not target or (target[0] == "-m" and len(target) < 2):
         parser.error("give a script to run (or -m module)")
-    enable(args.sp_size, kernel=args.kernel)
+    enable(args.sp_size, kernel=args.kernel, long_sequence=args.long_sequence)
     if target[0] == "-m":
         sys.argv = [target[1], *target[2:]]
         runpy.run_module(target[1], run_name="__main__", alter_sys=True)

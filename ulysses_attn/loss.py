@@ -16,11 +16,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
-from .comm import all_reduce_sum
+from .comm import all_reduce_sum, chunk_count
 from .groups import SequenceParallel, get_sequence_parallel
 
-__all__ = ["causal_lm_loss", "sp_sum"]
+__all__ = ["causal_lm_loss", "chunked_causal_lm_loss", "sp_sum", "default_loss_chunk_tokens"]
 
 IGNORE_INDEX = -100
 
@@ -51,29 +52,93 @@ def causal_lm_loss(
     does it); without SP, plain ``labels`` are shifted here as transformers does.
     """
     sp = sp if sp is not None else get_sequence_parallel()
-    parallel = sp is not None and sp.size > 1
-    if shift_labels is None:
-        if parallel:
-            raise ValueError(
-                "Under sequence parallelism the loss needs `shift_labels` computed on the full sequence "
-                "before sharding (shifting a shard loses the target at each shard boundary). Use "
-                "ulysses_attn.UlyssesCollator / shard_batch, which add them."
-            )
-        if labels is None:
-            raise ValueError("causal_lm_loss needs labels or shift_labels.")
-        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    shift_labels = _full_sequence_shift_labels(labels, shift_labels, ignore_index, sp)
     logits = logits.float()
     vocab = logits.shape[-1]
     shift_labels = shift_labels.to(logits.device)
     local_sum = F.cross_entropy(
         logits.reshape(-1, vocab), shift_labels.reshape(-1), ignore_index=ignore_index, reduction="sum"
     )
+    return _mean_over_group(local_sum, shift_labels, num_items_in_batch, ignore_index, sp)
+
+
+def _full_sequence_shift_labels(labels, shift_labels, ignore_index, sp):
+    if shift_labels is not None:
+        return shift_labels
+    if sp is not None and sp.size > 1:
+        raise ValueError(
+            "Under sequence parallelism the loss needs `shift_labels` computed on the full sequence "
+            "before sharding (shifting a shard loses the target at each shard boundary). Use "
+            "ulysses_attn.UlyssesCollator / shard_batch, which add them."
+        )
+    if labels is None:
+        raise ValueError("causal_lm_loss needs labels or shift_labels.")
+    return F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+
+
+def _mean_over_group(local_sum, shift_labels, num_items_in_batch, ignore_index, sp):
+    """``local_sum / num_items_in_batch`` (Trainer convention), else the token mean over the SP group."""
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(local_sum.device)
         return local_sum / num_items_in_batch
     count = (shift_labels != ignore_index).sum().to(local_sum.dtype)
-    if parallel:
+    if sp is not None and sp.size > 1:
         dist.all_reduce(count, group=sp.group)
         local_sum = all_reduce_sum(local_sum, sp.group)
     return local_sum / count
+
+
+def default_loss_chunk_tokens(vocab_size: int, budget_bytes: int = 1 << 30) -> int:
+    """Tokens per loss chunk so that one chunk's fp32 logits take about ``budget_bytes`` (1 GiB:
+    2048 tokens for a 128K vocabulary)."""
+    return max(64, budget_bytes // (4 * vocab_size))
+
+
+def chunked_causal_lm_loss(
+    hidden_states: torch.Tensor,
+    lm_head: torch.nn.Module,
+    labels: torch.Tensor | None = None,
+    shift_labels: torch.Tensor | None = None,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    chunk_tokens: int | None = None,
+    logit_scale: float = 1.0,
+    final_logit_softcapping: float | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    sp: SequenceParallel | None = None,
+) -> torch.Tensor:
+    """:func:`causal_lm_loss` of ``lm_head(hidden_states)`` without materialising the logits.
+
+    Only tokens with a label are projected, ``chunk_tokens`` at a time, each chunk under
+    non-reentrant activation checkpointing: its ``[chunk, vocab]`` logits are freed after the
+    forward and recomputed, one chunk at a time, in the backward. The head is called as a module,
+    so DeepSpeed ZeRO-3 gathers its weight as for the plain forward; tied embeddings work as is.
+    Same reduction as :func:`causal_lm_loss` (exact up to float summation order).
+
+    >>> hidden = model.model(input_ids=shard["input_ids"], position_ids=shard["position_ids"])[0]
+    >>> loss = chunked_causal_lm_loss(hidden, model.lm_head, shift_labels=shard["shift_labels"])
+    """
+    sp = sp if sp is not None else get_sequence_parallel()
+    shift_labels = _full_sequence_shift_labels(labels, shift_labels, ignore_index, sp).to(hidden_states.device)
+    targets = shift_labels.reshape(-1)
+    scored = (targets != ignore_index).nonzero().squeeze(1)
+    hidden = hidden_states.reshape(-1, hidden_states.shape[-1]).index_select(0, scored)
+    targets = targets.index_select(0, scored)
+    if chunk_tokens is None:
+        chunk_tokens = default_loss_chunk_tokens(lm_head.weight.shape[0])
+
+    def chunk_loss(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = lm_head(h).float()
+        if logit_scale != 1.0:
+            logits = logits * logit_scale
+        if final_logit_softcapping is not None:
+            logits = torch.tanh(logits / final_logit_softcapping) * final_logit_softcapping
+        return F.cross_entropy(logits, y, reduction="sum")
+
+    # An empty shard (all labels ignored) still runs the head, so every rank's graph reaches it.
+    count = chunk_count(len(targets), chunk_tokens, hidden.device)
+    local_sum = sum(
+        checkpoint(chunk_loss, h, y, use_reentrant=False)
+        for h, y in zip(hidden.tensor_split(count), targets.tensor_split(count))
+    )
+    return _mean_over_group(local_sum, shift_labels, num_items_in_batch, ignore_index, sp)

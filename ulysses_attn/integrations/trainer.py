@@ -22,6 +22,7 @@ fused-head trainers (SFT, DPO) keep whole batches instead: see ``integrations/tr
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -35,14 +36,16 @@ from ..data import UlyssesCollator
 from ..groups import SequenceParallel, get_sequence_parallel, init_sequence_parallel
 from ..kernels import set_kernel
 from ..loss import causal_lm_loss
+from ..memory import MemoryOptions, configure_memory
 from .deepspeed import reconcile_sequence_parallel_size
 from .trl import fused_trainer_classes, patch_trl
 
 logger = logging.getLogger("ulysses_attn")
 
-__all__ = ["enable", "resolve_sp_size", "attach"]
+__all__ = ["enable", "resolve_sp_size", "attach", "apply_memory_options"]
 
 _ENV_SIZE = "ULYSSES_SP_SIZE"
+_memory_options: MemoryOptions | None = None  # set by enable()
 
 
 def _deepspeed_sp_size() -> tuple[int | None, str | None]:
@@ -85,19 +88,33 @@ def _init_distributed() -> None:
     PartialState()  # the same initialisation the Trainer would do (backend per device / DeepSpeed)
 
 
-def enable(sp_size: int | None = None, *, kernel: str | None = None) -> SequenceParallel:
+def enable(
+    sp_size: int | None = None,
+    *,
+    kernel: str | None = None,
+    long_sequence: bool = False,
+    memory: MemoryOptions | None = None,
+) -> SequenceParallel:
     """Initialise sequence parallelism and make HF Trainers use it.
 
     >>> import ulysses_attn
     >>> ulysses_attn.enable(sp_size=4)   # before building the Trainer, on every rank
     >>> model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="ulysses_flash")
     >>> Trainer(model=model, args=args, train_dataset=ds, data_collator=collator).train()
+
+    ``long_sequence=True`` turns on every memory saving (``MemoryOptions.long_sequence()``:
+    chunked loss, tiled MLP, activation checkpointing with overlapped CPU offload); ``memory``
+    picks them one by one. Without either, SP runs use the chunked loss only.
     """
+    global _memory_options
     size = resolve_sp_size(sp_size)
     _init_distributed()
     sp = init_sequence_parallel(size)
     if kernel is not None:
         set_kernel(kernel)
+    if long_sequence and memory is not None:
+        raise ValueError("pass either long_sequence=True or memory=MemoryOptions(...), not both")
+    _memory_options = MemoryOptions.long_sequence() if long_sequence else memory
     _patch_trainer()
     patch_trl()
     if sp.size > 1:
@@ -116,10 +133,12 @@ def _patch_trainer() -> None:
     def __init__(self, *args, **kwargs):
         original(self, *args, **kwargs)
         sp = get_sequence_parallel()
-        if sp is None or sp.size == 1:
+        if sp is None or (sp.size == 1 and _memory_options is None):
             return
         if _uses_ulysses(self.model):
-            attach(self, sp)
+            if sp.size > 1:
+                attach(self, sp)
+            apply_memory_options(self, (_memory_options or MemoryOptions()).with_env_overrides())
         else:
             logger.warning(
                 "ulysses_attn: sequence parallelism (size %d) is enabled but %s's model does not use "
@@ -183,6 +202,18 @@ def attach(trainer, sp: SequenceParallel | None = None) -> None:
     )
     trainer.gather_function = trainer.accelerator.gather_for_metrics
     trainer._ulysses_sp = sp
+
+
+def apply_memory_options(trainer, options: MemoryOptions) -> None:
+    """Apply ``options`` to the trainer's causal LM(s) (see :mod:`ulysses_attn.memory`)."""
+    if isinstance(trainer, fused_trainer_classes()):
+        options = dataclasses.replace(options, chunked_loss=False)  # TRL's fused head is chunked already
+    for model in _ulysses_models(trainer.model):
+        if model.get_output_embeddings() is not None:
+            configure_memory(model, options)
+    if options.activation_checkpointing:
+        name = "activation_checkpointing" if hasattr(trainer.args, "activation_checkpointing") else "gradient_checkpointing"
+        setattr(trainer.args, name, True)
 
 
 def shard_over_dp_groups(loader, sp: SequenceParallel) -> None:

@@ -1,0 +1,155 @@
+"""Memory options for long sequences, applied to a causal LM in place.
+
+* ``chunked_loss`` (on by default under SP): in training, the loss is computed from the
+  backbone's hidden states chunk by chunk (:func:`~ulysses_attn.loss.chunked_causal_lm_loss`),
+  so the ``[tokens, vocab]`` logits never exist; ``outputs.logits`` is ``None`` then.
+  Evaluation keeps the model's own forward (metrics may need the logits).
+* ``tiled_mlp``: decoder MLPs run over sequence chunks (:mod:`ulysses_attn.tiled_mlp`).
+* ``offload_checkpoints``: with activation checkpointing on, the layers' checkpointed inputs go
+  to pinned host memory, overlapped with compute (:mod:`ulysses_attn.offload`).
+
+``enable(sp_size, long_sequence=True)`` (launcher: ``--long-sequence``) turns all three on, and
+activation checkpointing with them, for every Trainer; :func:`configure_memory` does it for one
+model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import logging
+import os
+
+import torch
+
+from .loss import chunked_causal_lm_loss
+from .offload import CheckpointOffloader
+from .tiled_mlp import tile_mlp
+
+logger = logging.getLogger("ulysses_attn")
+
+__all__ = ["MemoryOptions", "configure_memory"]
+
+
+@dataclasses.dataclass
+class MemoryOptions:
+    """What :func:`configure_memory` turns on. ``None`` chunk sizes pick the defaults
+    (:func:`~ulysses_attn.loss.default_loss_chunk_tokens`,
+    :func:`~ulysses_attn.tiled_mlp.default_mlp_chunk_tokens`)."""
+
+    chunked_loss: bool = True
+    loss_chunk_tokens: int | None = None
+    tiled_mlp: bool = False
+    mlp_chunk_tokens: int | None = None
+    offload_checkpoints: bool = False
+    offload_min_bytes: int = 1 << 20  # smaller saved tensors stay on the device
+    activation_checkpointing: bool = False  # turned on for the Trainer when set (long_sequence)
+
+    @classmethod
+    def long_sequence(cls, **overrides) -> "MemoryOptions":
+        """Every memory saving on: chunked loss, tiled MLP, checkpointing with offload."""
+        return cls(**{"tiled_mlp": True, "offload_checkpoints": True, "activation_checkpointing": True, **overrides})
+
+    def with_env_overrides(self) -> "MemoryOptions":
+        """Sizes from ``ULYSSES_LOSS_CHUNK_TOKENS``, ``ULYSSES_MLP_CHUNK_TOKENS`` and
+        ``ULYSSES_OFFLOAD_MIN_BYTES`` where set (for launched scripts)."""
+        changes = {field: int(os.environ[var]) for var, field in _ENV_SIZES.items() if os.environ.get(var)}
+        return dataclasses.replace(self, **changes)
+
+
+_ENV_SIZES = {
+    "ULYSSES_LOSS_CHUNK_TOKENS": "loss_chunk_tokens",
+    "ULYSSES_MLP_CHUNK_TOKENS": "mlp_chunk_tokens",
+    "ULYSSES_OFFLOAD_MIN_BYTES": "offload_min_bytes",
+}
+
+
+def _logit_transform(config) -> tuple[float, float | None]:
+    """(scale, final softcap) the model's own forward applies to its logits, from its config."""
+    text = config.get_text_config()
+    scale = getattr(text, "logit_scale", None)  # Cohere multiplies
+    if scale is None and getattr(text, "logits_scaling", None):
+        scale = 1.0 / text.logits_scaling  # Granite divides
+    return float(scale if scale is not None else 1.0), getattr(text, "final_logit_softcapping", None)
+
+
+def configure_memory(model: torch.nn.Module, options: MemoryOptions | None = None, **kwargs) -> MemoryOptions:
+    """Apply ``options`` (or ``MemoryOptions(**kwargs)``) to a ``*ForCausalLM`` in place; calling
+    it again replaces the options. Returns the options in force.
+
+    >>> configure_memory(model, MemoryOptions.long_sequence())
+    >>> model.gradient_checkpointing_enable()   # offload_checkpoints needs checkpointed layers
+    """
+    options = options or MemoryOptions(**kwargs)
+    if getattr(model, "get_output_embeddings", lambda: None)() is None or not hasattr(model, "base_model"):
+        raise NotImplementedError(f"configure_memory needs a causal LM with an LM head; got {type(model).__name__}.")
+    if options.tiled_mlp:
+        tile_mlp(model, options.mlp_chunk_tokens)
+    if getattr(model, "_ulysses_memory", None) is None:
+        model.forward = _chunked_loss_forward(model, model.forward)
+        backbone = model.base_model
+        backbone.forward = _offloading_forward(model, backbone.forward)
+    model._ulysses_memory = options
+    model._ulysses_offloader.min_bytes = options.offload_min_bytes
+    return options
+
+
+def _is_checkpointing(model: torch.nn.Module) -> bool:
+    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+def _offloading_forward(model: torch.nn.Module, original):
+    model._ulysses_offloader = offloader = CheckpointOffloader()
+
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        options: MemoryOptions = model._ulysses_memory
+        if options.offload_checkpoints and model.training and torch.is_grad_enabled():
+            if _is_checkpointing(model):
+                with offloader:
+                    return original(*args, **kwargs)
+            if not getattr(offloader, "_warned", False):
+                offloader._warned = True
+                logger.warning("ulysses_attn: offload_checkpoints has no effect without activation checkpointing "
+                               "(model.gradient_checkpointing_enable() / TrainingArguments(activation_checkpointing=True)).")
+        return original(*args, **kwargs)
+
+    return forward
+
+
+def _chunked_loss_forward(model: torch.nn.Module, original):
+    scale, softcap = _logit_transform(model.config)
+    moe = bool(getattr(model.config.get_text_config(), "output_router_logits", False))
+
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        options: MemoryOptions = model._ulysses_memory
+        has_labels = kwargs.get("labels") is not None or kwargs.get("shift_labels") is not None
+        if (
+            not options.chunked_loss or args or moe or not has_labels or "fused_lm_head" in kwargs
+            or not (model.training and torch.is_grad_enabled())
+        ):
+            return original(*args, **kwargs)
+        return _loss_from_hidden_states(model, options, scale, softcap, **kwargs)
+
+    return forward
+
+
+def _loss_from_hidden_states(model, options: MemoryOptions, scale: float, softcap, *, labels=None, shift_labels=None,
+                             num_items_in_batch=None, logits_to_keep=None, return_dict=None, **kwargs):
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    kwargs["use_cache"] = False
+    out = model.base_model(**kwargs)
+    loss = chunked_causal_lm_loss(
+        out.last_hidden_state,
+        model.get_output_embeddings(),
+        labels=labels,
+        shift_labels=shift_labels,
+        num_items_in_batch=num_items_in_batch,
+        chunk_tokens=options.loss_chunk_tokens,
+        logit_scale=scale,
+        final_logit_softcapping=softcap,
+    )
+    return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=out.hidden_states, attentions=out.attentions)

@@ -1,0 +1,83 @@
+"""Tiled MLP: run each decoder layer's MLP over sequence chunks, recomputed in the backward.
+
+An MLP acts on each token independently, so running it on ``chunk_tokens`` tokens at a time is
+exact. Each chunk runs under non-reentrant activation checkpointing, so at most one chunk's
+intermediate activations (``3 x intermediate_size`` values per token for a gated MLP) exist at a
+time, forward or backward, instead of the whole sequence's. The submodules are called as modules,
+so DeepSpeed ZeRO-3 gathers their weights as usual (every rank makes the same number of calls:
+:func:`~ulysses_attn.comm.chunk_count`), and the gradient of each weight is accumulated once per
+step (the chunks share one autograd graph).
+
+Works for any transformers decoder whose layers hold their feed-forward block as ``layer.mlp``
+(Llama, Qwen2/3, Mistral, Gemma 1-3, Phi-3, ...). Mixture-of-experts blocks are refused: their
+router outputs are recorded per call and would be split.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from .comm import chunk_count
+
+__all__ = ["tile_mlp", "default_mlp_chunk_tokens"]
+
+_MOE_ATTRIBUTES = ("experts", "gate_up_proj_experts", "router")
+
+
+def default_mlp_chunk_tokens(config) -> int:
+    """About ``hidden_size`` tokens per chunk: each chunk's intermediate activations then take
+    ``3 * intermediate_size * hidden_size * 2`` bytes (336 MiB for Llama-3.1-8B in bf16), and the
+    chunk's matmuls stay large enough to run at full speed."""
+    return max(1024, int(getattr(config.get_text_config(), "hidden_size", 4096)))
+
+
+def _decoder_mlps(model: torch.nn.Module) -> list[torch.nn.Module]:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [
+        layer.mlp
+        for layer in model.modules()
+        if isinstance(layer, GradientCheckpointingLayer) and isinstance(getattr(layer, "mlp", None), torch.nn.Module)
+    ]
+
+
+def tile_mlp(model: torch.nn.Module, chunk_tokens: int | None = None) -> int:
+    """Make every decoder-layer MLP of ``model`` run over sequence chunks of ``chunk_tokens``
+    tokens (default: :func:`default_mlp_chunk_tokens`). Returns the number of MLPs tiled;
+    calling it again only updates the chunk size.
+
+    >>> ulysses_attn.tile_mlp(model)          # or enable(..., long_sequence=True)
+    """
+    mlps = _decoder_mlps(model)
+    if not mlps:
+        raise NotImplementedError(
+            f"tile_mlp found no decoder layer with an `mlp` submodule in {type(model).__name__}."
+        )
+    for mlp in mlps:
+        if any(hasattr(mlp, name) for name in _MOE_ATTRIBUTES):
+            raise NotImplementedError(
+                f"tile_mlp does not support mixture-of-experts blocks ({type(mlp).__name__})."
+            )
+    chunk_tokens = chunk_tokens or default_mlp_chunk_tokens(model.config)
+    for mlp in mlps:
+        if not hasattr(mlp, "_ulysses_chunk_tokens"):
+            mlp.forward = functools.partial(_tiled_forward, mlp, mlp.forward)
+        mlp._ulysses_chunk_tokens = chunk_tokens
+    return len(mlps)
+
+
+def _tiled_forward(mlp: torch.nn.Module, forward, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    if args or kwargs or hidden_states.dim() < 2:
+        return forward(hidden_states, *args, **kwargs)
+    count = chunk_count(hidden_states.shape[-2], mlp._ulysses_chunk_tokens, hidden_states.device)
+    if count == 1:
+        return forward(hidden_states)
+    chunks = hidden_states.tensor_split(count, dim=-2)
+    if torch.is_grad_enabled():
+        outputs = [checkpoint(forward, c, use_reentrant=False) for c in chunks]
+    else:
+        outputs = [forward(c) for c in chunks]
+    return torch.cat(outputs, dim=-2)
