@@ -3,6 +3,7 @@
 >>> import ulysses_attn
 >>> model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="ulysses_flash")
 >>> ulysses_attn.enable(sp_size=4)      # or: python -m ulysses_attn.launch --sp-size 4 train.py
+>>> ulysses_attn.enable(sp_size=4, long_sequence=True)   # + chunked loss, tiled MLP, offload
 """
 
 from .compat import ATTN_IMPLEMENTATION, register
@@ -15,7 +16,9 @@ from .groups import (
 from .data import UlyssesCollator, UlyssesSampler, shard_batch
 from .integrations.trainer import enable
 from .kernels import available_kernels, set_kernel
-from .loss import causal_lm_loss, sp_sum
+from .loss import causal_lm_loss, chunked_causal_lm_loss, sp_sum
+from .memory import MemoryOptions, configure_memory
+from .tiled_mlp import tile_mlp
 
 register()
 
@@ -30,6 +33,10 @@ __all__ = [
     "UlyssesCollator",
     "shard_batch",
     "causal_lm_loss",
+    "chunked_causal_lm_loss",
+    "MemoryOptions",
+    "configure_memory",
+    "tile_mlp",
     "sp_sum",
     "set_kernel",
     "available_kernels",

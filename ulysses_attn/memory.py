@@ -15,7 +15,6 @@ model.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import logging

@@ -1,0 +1,97 @@
+"""Memory options (chunked loss, tiled MLP, checkpoint offload) give the same loss and gradients
+as the plain forward, and really bound what they claim to bound."""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from tiny_models import REFERENCE_ATTN, VOCAB, build
+from ulysses_attn import MemoryOptions, configure_memory, tile_mlp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+from demo import compare, run_example  # noqa: E402
+
+CHUNK = 7
+HIDDEN = 32  # tiny_models.COMMON
+
+
+class LargestVocabTensor(TorchDispatchMode):
+    """Rows of the largest ``[..., vocab]`` tensor any op produced (forward and backward), the LM
+    head's weight (``[hidden, vocab]`` when transposed) and its gradient aside."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == VOCAB and t.numel() != HIDDEN * VOCAB:
+                self.rows = max(self.rows, t.numel() // VOCAB)
+        return out
+
+
+def _loss_and_grads(model, batch):
+    model.train()
+    with LargestVocabTensor() as seen:
+        out = model(**batch)
+        out.loss.backward()
+    return out.loss.detach(), {n: p.grad for n, p in model.named_parameters()}, seen.rows
+
+
+@pytest.mark.parametrize("arch,tied", [("llama", False), ("llama", True), ("gemma2", False)])
+def test_long_sequence_options_equal_plain_forward_and_bound_logits(arch, tied):
+    ref = build(arch, REFERENCE_ATTN[arch], tie_word_embeddings=tied)
+    model = copy.deepcopy(ref)
+    ids = torch.randint(1, VOCAB, (2, 40), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, :10] = -100
+    batch = {"input_ids": ids, "labels": labels}
+    ref_loss, ref_grads, ref_rows = _loss_and_grads(ref, batch)
+
+    configure_memory(model, MemoryOptions.long_sequence(loss_chunk_tokens=CHUNK, mlp_chunk_tokens=8,
+                                                        offload_min_bytes=40 * 32 * 4))
+    model.gradient_checkpointing_enable()
+    mlp_rows = []
+    for layer in model.model.layers:
+        layer.mlp.down_proj.register_forward_hook(lambda m, a, o: mlp_rows.append(o[..., 0].numel()))
+    loss, grads, rows = _loss_and_grads(model, batch)
+
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
+    for name, g in grads.items():
+        assert ((g - ref_grads[name]).norm() / ref_grads[name].norm()).item() < 1e-5, name
+    assert ref_rows >= 2 * 40 and rows <= CHUNK  # no logits tensor larger than one chunk, fwd or bwd
+    assert max(mlp_rows) <= 2 * 8 and len(mlp_rows) > 2 * len(model.model.layers)
+    # every checkpointed layer input ([2, 40, 32] fp32) went through the offloader
+    assert model._ulysses_offloader.offloaded_bytes >= len(model.model.layers) * 2 * 40 * 32 * 4
+
+
+def test_tile_mlp_refuses_mixture_of_experts():
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    cfg = MixtralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=2)
+    with pytest.raises(NotImplementedError, match="mixture-of-experts"):
+        tile_mlp(AutoModelForCausalLM.from_config(cfg))
+
+
+ENV = {"ULYSSES_LOSS_CHUNK_TOKENS": "48", "ULYSSES_MLP_CHUNK_TOKENS": "40", "ULYSSES_OFFLOAD_MIN_BYTES": "4096"}
+
+
+def test_launcher_long_sequence_switch_sp2_equals_plain(tmp_path, baselines):
+    ref = baselines("plain", extra=["--eval"])
+    sp = run_example(tmp_path, 2, 2, extra=["--eval"], launch_flags=["--long-sequence"],
+                     env=ENV)
+    diff = compare(sp, ref)
+    assert diff["same_length"] and max(diff["logged"].values()) < 1e-5 and diff["weights"] < 5e-5, diff
+    assert sp[0]["activation_checkpointing"] and not ref[0]["activation_checkpointing"]
+    assert ref[0]["lm_head_rows_max"] > 48 >= sp[0]["lm_head_rows_max"]
+    assert ref[0]["mlp_rows_max"] > 2 * 40 >= sp[0]["mlp_rows_max"]
+    assert sp[0]["longest_sequence_seen"] <= ref[0]["longest_sequence_seen"] // 2
