@@ -31,9 +31,10 @@ def step(model, ids):
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     torch.cuda.synchronize()
+    elapsed, peak = time.perf_counter() - t, torch.cuda.max_memory_allocated() / 2**30
     grads = torch.cat([p.grad.float().flatten() for p in model.parameters()])
     model.zero_grad(set_to_none=True)
-    return loss.item(), grads, time.perf_counter() - t, torch.cuda.max_memory_allocated() / 2**30
+    return loss.item(), grads, elapsed, peak
 
 
 def main():
