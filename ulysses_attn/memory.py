@@ -95,7 +95,14 @@ def configure_memory(model: torch.nn.Module, options: MemoryOptions | None = Non
 
 
 def _is_checkpointing(model: torch.nn.Module) -> bool:
-    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    flag = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5.x; older: the deprecated name
+    return bool(flag if flag is not None else model.is_gradient_checkpointing)
+
+
+@functools.cache
+def _warn_offload_without_checkpointing() -> None:
+    logger.warning("ulysses_attn: offload_checkpoints has no effect without activation checkpointing "
+                   "(model.gradient_checkpointing_enable() / TrainingArguments(activation_checkpointing=True)).")
 
 
 def _offloading_forward(model: torch.nn.Module, original):
@@ -108,10 +115,7 @@ def _offloading_forward(model: torch.nn.Module, original):
             if _is_checkpointing(model):
                 with offloader:
                     return original(*args, **kwargs)
-            if not getattr(offloader, "_warned", False):
-                offloader._warned = True
-                logger.warning("ulysses_attn: offload_checkpoints has no effect without activation checkpointing "
-                               "(model.gradient_checkpointing_enable() / TrainingArguments(activation_checkpointing=True)).")
+            _warn_offload_without_checkpointing()
         return original(*args, **kwargs)
 
     return forward

@@ -15,7 +15,8 @@ precedence) and
 
 transformers' own ``activation_checkpointing_kwargs={"offload": True}`` uses
 ``torch.autograd.graph.save_on_cpu``, whose copies run on the compute stream and stall it.
-Tensors smaller than ``min_bytes`` (and tensors already on the CPU) are kept as they are.
+Tensors smaller than ``min_bytes`` are kept as they are; on a CPU-only run the same bookkeeping
+runs without copies (there is nowhere cheaper to put them).
 """
 
 from __future__ import annotations

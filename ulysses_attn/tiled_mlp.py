@@ -5,7 +5,7 @@ exact. Each chunk runs under non-reentrant activation checkpointing, so at most 
 intermediate activations (``3 x intermediate_size`` values per token for a gated MLP) exist at a
 time, forward or backward, instead of the whole sequence's. The submodules are called as modules,
 so DeepSpeed ZeRO-3 gathers their weights as usual (every rank makes the same number of calls:
-:func:`~ulysses_attn.comm.chunk_count`), and the gradient of each weight is accumulated once per
+:func:`~ulysses_attn.comm.chunk_count`, agreed once per forward), and the gradient of each weight is accumulated once per
 step (the chunks share one autograd graph).
 
 Works for any transformers decoder whose layers hold their feed-forward block as ``layer.mlp``
@@ -24,7 +24,7 @@ from .comm import chunk_count
 
 __all__ = ["tile_mlp", "default_mlp_chunk_tokens"]
 
-_MOE_ATTRIBUTES = ("experts", "gate_up_proj_experts", "router")
+_MOE_ATTRIBUTES = ("experts", "router")
 
 
 def default_mlp_chunk_tokens(config) -> int:
@@ -42,6 +42,29 @@ def _decoder_mlps(model: torch.nn.Module) -> list[torch.nn.Module]:
         for layer in model.modules()
         if isinstance(layer, GradientCheckpointingLayer) and isinstance(getattr(layer, "mlp", None), torch.nn.Module)
     ]
+
+
+class _Tiling:
+    """Shared by a model's tiled MLPs: the chunk size, and the chunk count agreed once per forward
+    for the sequence length the backbone received (one collective per forward under ZeRO-3, not
+    one per layer and per recompute)."""
+
+    def __init__(self, chunk_tokens: int):
+        self.chunk_tokens, self.seq, self.count = chunk_tokens, None, None
+
+    def agree(self, backbone, args, kwargs) -> None:
+        x = kwargs.get("input_ids")
+        x = x if x is not None else kwargs.get("inputs_embeds")
+        x = x if x is not None or not args else args[0]
+        self.seq = self.count = None
+        if torch.is_tensor(x) and x.dim() >= 2:
+            self.seq, self.count = x.shape[1], chunk_count(x.shape[1], self.chunk_tokens, x.device)
+
+    def count_for(self, hidden_states: torch.Tensor) -> int:
+        seq = hidden_states.shape[-2]
+        if seq == self.seq:
+            return self.count
+        return chunk_count(seq, self.chunk_tokens, hidden_states.device)
 
 
 def tile_mlp(model: torch.nn.Module, chunk_tokens: int | None = None) -> int:
@@ -62,17 +85,21 @@ def tile_mlp(model: torch.nn.Module, chunk_tokens: int | None = None) -> int:
                 f"tile_mlp does not support mixture-of-experts blocks ({type(mlp).__name__})."
             )
     chunk_tokens = chunk_tokens or default_mlp_chunk_tokens(model.config)
-    for mlp in mlps:
-        if not hasattr(mlp, "_ulysses_chunk_tokens"):
-            mlp.forward = functools.partial(_tiled_forward, mlp, mlp.forward)
-        mlp._ulysses_chunk_tokens = chunk_tokens
+    tiling = getattr(model, "_ulysses_tiling", None)
+    if tiling is None:
+        model._ulysses_tiling = tiling = _Tiling(chunk_tokens)
+        backbone = getattr(model, "base_model", model)
+        backbone.register_forward_pre_hook(tiling.agree, with_kwargs=True)
+        for mlp in mlps:
+            mlp.forward = functools.partial(_tiled_forward, tiling, mlp.forward)
+    tiling.chunk_tokens = chunk_tokens
     return len(mlps)
 
 
-def _tiled_forward(mlp: torch.nn.Module, forward, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+def _tiled_forward(tiling: _Tiling, forward, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if args or kwargs or hidden_states.dim() < 2:
         return forward(hidden_states, *args, **kwargs)
-    count = chunk_count(hidden_states.shape[-2], mlp._ulysses_chunk_tokens, hidden_states.device)
+    count = tiling.count_for(hidden_states)
     if count == 1:
         return forward(hidden_states)
     chunks = hidden_states.tensor_split(count, dim=-2)
