@@ -11,9 +11,21 @@ Modes (each trains the same model, bf16, gradient checkpointing, AdamW, the same
   DeepSpeed engine;
 * ``sdpa``: no sequence parallelism; every GPU trains its own full-length sample (P = 1).
 
-No ZeRO in this version: parameters, gradients and AdamW states are replicated on every GPU in
-bf16 (torch AdamW keeps its states in the parameter dtype) and gradients are averaged over all
-ranks with one all-reduce per parameter after the backward (plain data parallelism). The loss is a
+Without ``--zero 3``, parameters, gradients and AdamW states are replicated on every GPU in bf16
+(torch AdamW keeps its states in the parameter dtype) and gradients are averaged over all ranks
+with one all-reduce per parameter after the backward (plain data parallelism). ``--zero 3`` runs
+every mode in a DeepSpeed ZeRO-3 engine over the whole world (bf16, fp32 master weights and AdamW
+states; the model is built whole on the GPU, then partitioned by ``deepspeed.initialize``, with an
+``HfDeepSpeedConfig`` alive so that ``is_deepspeed_zero3_enabled()`` holds as under the HF Trainer;
+ALST gets its ``mpu`` as DeepSpeed documents).
+
+``--long-sequence`` turns on each implementation's own memory savings for long sequences:
+ulysses: ``ulysses_attn.configure_memory(model, MemoryOptions.long_sequence())`` (chunked loss
+through the model's forward, tiled MLP, checkpoint offload to pinned host memory); alst:
+DeepSpeed's ``TiledMLP`` patched into every MLP forward as its docstring shows, its
+``TiledFusedLogitsLoss`` for the loss (shards of about 1 GiB of fp32 logits, as ArcticTraining
+sizes them) and ``CheckpointHiddenStatesOffload`` around forward and backward; sdpa: ours without
+the chunked loss (its per-sample loss stays the script's tiled loss). The loss is a
 token-weighted cross-entropy over the full sequence, computed in checkpointed chunks of
 ``--loss-chunk`` tokens (the logits are never materialised for the whole shard) and summed over
 the SP group with ``ulysses_attn.sp_sum`` for both SP modes; ``--loss hf`` uses the model's own
@@ -30,6 +42,7 @@ the CUDA attention kernels a profiled extra step ran).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
 import gc
@@ -158,12 +171,28 @@ def make_config(shape: str, seq: int):
 
 def n_matmul(model) -> int:
     """Weights of the matrix products a token goes through (projections, MLP, lm_head), counting a
-    tied lm_head once as a matmul; the embedding lookup is not a matmul."""
+    tied lm_head once as a matmul; the embedding lookup is not a matmul. ZeRO-3 partitions keep
+    the full size in ``ds_numel``."""
     total = 0
     for mod in model.modules():
         if isinstance(mod, torch.nn.Linear):
-            total += mod.weight.numel()
+            total += getattr(mod.weight, "ds_numel", mod.weight.numel())
     return total
+
+
+def zero3_config() -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "bf16": {"enabled": True},
+        "zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True,
+                              "reduce_bucket_size": 5e8, "stage3_prefetch_bucket_size": 5e8,
+                              "stage3_param_persistence_threshold": 1e6},
+        "zero_allow_untested_optimizer": True,
+        "gradient_clipping": 0.0,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
 
 
 def build_model(shape: str, seq: int, attn: str):
@@ -185,18 +214,66 @@ def make_batch(vocab: int, seq: int, seed: int):
     return {"input_ids": ids, "labels": ids.clone()}
 
 
-def _chunk_ce(h, weight, labels):
-    logits = F.linear(h, weight).float()
+def _chunk_ce(h, lm_head, labels):
+    logits = lm_head(h).float()
     return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
 
 
-def tiled_loss_sum(hidden, weight, shift_labels, chunk: int):
-    """Sum of the token cross-entropies, in checkpointed chunks (no full logits)."""
+def tiled_loss_sum(hidden, lm_head, shift_labels, chunk: int):
+    """Sum of the token cross-entropies, in checkpointed chunks (no full logits); the head is
+    called as a module so that ZeRO-3 gathers its weight."""
     total = hidden.new_zeros((), dtype=torch.float32)
     for i in range(0, hidden.shape[1], chunk):
-        total = total + checkpoint(_chunk_ce, hidden[:, i : i + chunk], weight, shift_labels[:, i : i + chunk],
+        total = total + checkpoint(_chunk_ce, hidden[:, i : i + chunk], lm_head, shift_labels[:, i : i + chunk],
                                    use_reentrant=False)
     return total
+
+
+def offloaded_bytes(model, offload) -> int:
+    """Bytes of checkpointed activations the last step moved to host memory (ours or ALST's)."""
+    ours = getattr(model, "_ulysses_offloader", None)
+    if ours is not None and ours.offloaded_bytes:
+        return ours.offloaded_bytes
+    stats = getattr(offload, "stats", None)
+    return stats.offloaded_bytes if stats is not None else 0
+
+
+def _logit_shards(tokens: int, vocab: int) -> int:
+    """ArcticTraining's sizing of TiledFusedLogitsLoss: shards of about 1 GiB of fp32 logits."""
+    return max(1, -(-tokens * vocab * 4 // 2**30))
+
+
+def alst_tile_mlps(model) -> None:
+    """DeepSpeed's TiledMLP in every decoder MLP, as its docstring patches LlamaMLP.forward
+    (ceil(seqlen / hidden) shards; the ranks' lengths are equal here, so the MAX all-reduce the
+    docstring adds to agree on the count is left out)."""
+    import types
+
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
+
+    def mlp_forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+    def tiled_mlp_forward(self, x):
+        shards = max(1, -(-x.shape[-2] // x.shape[-1]))
+        params = [self.down_proj.weight, self.gate_proj.weight, self.up_proj.weight]
+        return TiledMLP.apply(mlp_forward, self, x, shards, params)
+
+    for layer in model.model.layers:
+        layer.mlp.forward = types.MethodType(tiled_mlp_forward, layer.mlp)
+
+
+def alst_loss_sum(hidden, lm_head, shift_labels):
+    """Sum of the token cross-entropies through DeepSpeed's TiledFusedLogitsLoss."""
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledFusedLogitsLoss
+
+    def loss_fn(head, x, y):
+        logits = head(x).float()
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1), ignore_index=-100, reduction="sum")
+
+    shards = _logit_shards(hidden.shape[1], lm_head.weight.shape[0] if lm_head.weight.numel() else
+                           lm_head.weight.ds_shape[0])
+    return TiledFusedLogitsLoss.apply(loss_fn, lm_head, hidden, shift_labels, None, shards, [lm_head.weight], "sum")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -220,8 +297,14 @@ def loss_for(mode: Mode, model, batch, args):
         else:
             model.loss_function = ulysses_attn.causal_lm_loss
         return model(**batch).loss
+    if args.long_sequence and mode.name == "ulysses":  # the user path: chunked loss inside the forward
+        return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                     shift_labels=batch["shift_labels"]).loss
     out = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
-    local = tiled_loss_sum(out.last_hidden_state, model.lm_head.weight, batch["shift_labels"], args.loss_chunk)
+    if args.long_sequence and mode.name == "alst":
+        local = alst_loss_sum(out.last_hidden_state, model.lm_head, batch["shift_labels"])
+    else:
+        local = tiled_loss_sum(out.last_hidden_state, model.lm_head, batch["shift_labels"], args.loss_chunk)
     count = (batch["shift_labels"] != -100).sum().float()
     if mode.P > 1:
         dist.all_reduce(count, group=mode.group)
@@ -308,7 +391,18 @@ def run_config(mode_name: str, seq: int, args, sp, alst_state: dict) -> dict:
         mode = Mode("alst", sp.size, None)
     else:
         raise ValueError(mode_name)
+    zero3 = args.zero == 3
     model = build_model(args.model, seq, attn)
+    if zero3:  # built whole on the GPU (fast random init), partitioned by deepspeed.initialize below
+        from transformers.integrations.deepspeed import HfDeepSpeedConfig
+
+        model._hf_ds_config = HfDeepSpeedConfig(zero3_config())  # is_deepspeed_zero3_enabled() while alive
+    if args.long_sequence:
+        if mode_name == "alst":
+            alst_tile_mlps(model)
+        else:
+            ulysses_attn.configure_memory(
+                model, ulysses_attn.MemoryOptions.long_sequence(chunked_loss=mode_name == "ulysses"))
     if mode_name == "alst":
         if "mpu" not in alst_state:
             from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
@@ -321,6 +415,19 @@ def run_config(mode_name: str, seq: int, args, sp, alst_state: dict) -> dict:
     cfg = model.config
     N = n_matmul(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0, fused=DEV == "cuda")
+    engine = None
+    if zero3:
+        import deepspeed
+
+        engine, opt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=zero3_config(),
+                                                 mpu=alst_state.get("mpu") if mode_name == "alst" else None)
+    offload = contextlib.nullcontext()
+    if args.long_sequence and mode_name == "alst":
+        from deepspeed.runtime.activation_checkpointing.offload_activations import (
+            get_checkpoint_hidden_states_offloading_ctx_manager,
+        )
+
+        offload = get_checkpoint_hidden_states_offloading_ctx_manager(min_offload_bytes=2**20)
     # same sample within an SP group, different samples across groups (and across ranks without SP)
     sample_seed = 1234 + (rank if mode.P == 1 else rank // mode.P)
     full = make_batch(cfg.vocab_size, seq, sample_seed)
@@ -328,14 +435,21 @@ def run_config(mode_name: str, seq: int, args, sp, alst_state: dict) -> dict:
     losses = []
 
     def step():
-        loss = loss_for(mode, model, batch, args)
-        loss.backward()
         ev = _Ev()
-        ev.start()
-        sync_grads(model, world)
-        ev.stop()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        with offload:  # ALST's offload context spans forward and backward
+            loss = loss_for(mode, model, batch, args)
+            if engine is not None:
+                engine.backward(loss)
+            else:
+                loss.backward()
+        if engine is not None:
+            engine.step()
+        else:
+            ev.start()
+            sync_grads(model, world)
+            ev.stop()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         losses.append(loss.detach())
         return ev
 
@@ -378,6 +492,9 @@ def run_config(mode_name: str, seq: int, args, sp, alst_state: dict) -> dict:
     result = {
         "mode": label,
         "model": args.model,
+        "zero": args.zero,
+        "long_sequence": args.long_sequence,
+        "offloaded_gib": round(offloaded_bytes(model, offload) / 2**30, 2),
         "seq": seq,
         "P": mode.P,
         "world": world,
@@ -398,7 +515,9 @@ def run_config(mode_name: str, seq: int, args, sp, alst_state: dict) -> dict:
         "ulysses_kernel": used,
         **prof,
     }
-    del model, opt, batch, full, losses
+    if engine is not None:
+        engine.destroy()
+    model = opt = batch = full = losses = engine = None  # free before the next configuration
     gc.collect()
     if DEV == "cuda":
         torch.cuda.empty_cache()
@@ -437,8 +556,13 @@ def env_info(args) -> dict:
             commit = "unknown"
     info["git_commit"] = commit
     info["setup"] = (
-        f"bf16 params/grads/AdamW states, gradient checkpointing (non-reentrant), no ZeRO: gradients averaged "
-        f"over all {dist.get_world_size()} ranks by all-reduce; loss={args.loss}"
+        (f"DeepSpeed ZeRO-3 over all {dist.get_world_size()} ranks (bf16, fp32 master weights and AdamW states), "
+         "gradient checkpointing (non-reentrant)" if args.zero == 3 else
+         f"bf16 params/grads/AdamW states, gradient checkpointing (non-reentrant), no ZeRO: gradients averaged "
+         f"over all {dist.get_world_size()} ranks by all-reduce")
+        + ("; --long-sequence: each implementation's tiled MLP, chunked loss and checkpoint offload"
+           if args.long_sequence else "")
+        + f"; loss={args.loss}"
         + (f" (checkpointed chunks of {args.loss_chunk} tokens)" if args.loss == "tiled" else "")
         + f"; batch 1 sample per SP group; {args.warmup} warm-up + {args.steps} timed steps (median)"
     )
@@ -488,6 +612,9 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--loss", choices=["tiled", "hf"], default="tiled")
     ap.add_argument("--loss-chunk", type=int, default=4096)
+    ap.add_argument("--zero", type=int, choices=[0, 3], default=0, help="3: every mode in a DeepSpeed ZeRO-3 engine")
+    ap.add_argument("--long-sequence", action="store_true",
+                    help="each implementation's memory savings (see the module docstring)")
     ap.add_argument("--kernel", default=None, help="force the ulysses inner kernel (ulysses_attn.set_kernel)")
     ap.add_argument("--no-profile", dest="profile", action="store_false")
     ap.add_argument("--min-gpu-gib", type=float, default=0, help="skip every configuration on smaller GPUs")
@@ -511,12 +638,14 @@ def main() -> int:
     for m in modes:
         if m.split("@")[0] not in ("sdpa", "ulysses", "alst"):
             ap.error(f"unknown mode {m!r}")
-    if "alst" in modes:
+    if "alst" in modes or args.zero:
         try:
             import deepspeed
 
             deepspeed.init_distributed(dist_backend="nccl" if DEV == "cuda" else "gloo")
         except Exception as e:  # noqa: BLE001
+            if args.zero:
+                raise
             log(f"DeepSpeed ALST unavailable ({type(e).__name__}: {e}); skipping mode alst")
             modes.remove("alst")
     # ALST replaces the global "sdpa" attention for the whole process: run it last

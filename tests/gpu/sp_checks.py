@@ -1,7 +1,7 @@
 """GPU checks of ulysses_attn, run as a script (not collected by pytest; see test_gpu.py).
 
     python tests/gpu/sp_checks.py kernels --out DIR                         # one GPU
-    torchrun --nproc_per_node 2 tests/gpu/sp_checks.py comm models --out DIR # NCCL, P = world
+    torchrun --nproc_per_node 2 tests/gpu/sp_checks.py comm models memory --out DIR # NCCL, P = world
 
 * ``kernels``: every inner kernel of ``ulysses_attn.available_kernels("cuda")`` against the exact
   ``reference`` kernel in float64, bf16 (and fp32 where the kernel takes it), forward and backward,
@@ -14,6 +14,10 @@
   kernel that can run the case) against the same model in one process (HF ``sdpa``): bf16 loss
   rel. diff <= 1e-2 and gradient cosine >= 0.999; fp32 (``reference``/``sdpa`` kernels vs. SDPA math)
   loss, logits and gradients rel. err <= 1e-5.
+* ``memory``: the long-sequence memory options (``MemoryOptions.long_sequence()``: chunked loss,
+  tiled MLP, checkpoint offload to pinned host memory on a side stream) under SP with small chunks
+  (several loss and MLP chunks per shard, every checkpointed layer input offloaded), against the
+  plain single-process model: same tolerances as ``models``; also records the bytes offloaded.
 
 Every case is recorded (``DIR/<check>-rank<r>.json``) and failures are collected rather than
 raised, so one run reports everything; the exit code is 1 when any case failed.
@@ -395,12 +399,57 @@ def check_models(args) -> None:
                             torch.cuda.empty_cache()
 
 
+def check_memory(args) -> None:
+    exact_fp32()
+    P = ulysses_attn.get_sequence_parallel().size
+    for name in ("llama", "qwen2"):
+        batch = make_batch("plain")
+        for dtype in (torch.bfloat16, torch.float32):
+            dname = str(dtype).split(".")[-1]
+            label = f"{name}/{dname}/P{P}/long_sequence"
+            kernels.set_kernel("sdpa" if dtype == torch.float32 else None)
+            try:
+                ref_loss, ref_logits, ref_grads = _reference(name, batch, dtype)
+                model = build(name, "ulysses_flash", dtype)
+                model.loss_function = ulysses_attn.causal_lm_loss
+                model.train()
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                ulysses_attn.configure_memory(model, ulysses_attn.MemoryOptions.long_sequence(
+                    loss_chunk_tokens=SEQ // (4 * P), mlp_chunk_tokens=SEQ // (4 * P), offload_min_bytes=0))
+                out = model(**ulysses_attn.shard_batch(batch))
+                out.loss.backward()
+                grads = {}
+                for n, p in model.named_parameters():
+                    gr = p.grad.detach().float().clone()
+                    dist.all_reduce(gr)
+                    grads[n] = gr / dist.get_world_size()
+                m = _compare(ref_loss, ref_logits, ref_grads, out.loss.item(), ref_logits, grads)
+                m.pop("logits_rel")  # the chunked loss returns no logits
+                m["offloaded_mib"] = model._ulysses_offloader.offloaded_bytes / 2**20
+                m["logits_returned"] = out.logits is not None
+                del model, out
+                if dtype == torch.bfloat16:
+                    ok = m["loss_rel"] <= 1e-2 and m["grad_cos"] >= 0.999 and m["min_param_cos"] >= 0.99
+                else:
+                    ok = m["loss_rel"] <= 1e-5 and m["grad_rel"] <= 1e-5 and m["max_param_rel"] <= 1e-4
+                ok = ok and not m["logits_returned"] and (DEVICE_TYPE != "cuda" or m["offloaded_mib"] > 0)
+                ok = ok and all(math.isfinite(v) for v in m.values() if isinstance(v, float))
+                record("memory", label, ok, **m)
+            except Exception as e:  # noqa: BLE001
+                record("memory", label, False, error=f"{type(e).__name__}: {e}")
+                traceback.print_exc()
+            finally:
+                kernels.set_kernel(None)
+                if DEVICE_TYPE == "cuda":
+                    torch.cuda.empty_cache()
+
+
 # ------------------------------------------------------------------------------------------------
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("checks", nargs="+", choices=["kernels", "comm", "models"])
+    ap.add_argument("checks", nargs="+", choices=["kernels", "comm", "models", "memory"])
     ap.add_argument("--out", default=None, help="folder for the JSON records")
     args = ap.parse_args()
     distributed = "WORLD_SIZE" in os.environ
@@ -425,7 +474,7 @@ def main() -> int:
     log(f"sp_checks {args.checks} {info}")
     t0 = time.time()
     for c in args.checks:
-        {"kernels": check_kernels, "comm": check_comm, "models": check_models}[c](args)
+        {"kernels": check_kernels, "comm": check_comm, "models": check_models, "memory": check_memory}[c](args)
     rank = dist.get_rank() if distributed else 0
     if args.out:
         os.makedirs(args.out, exist_ok=True)

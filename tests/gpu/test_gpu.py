@@ -54,4 +54,4 @@ def test_sequence_parallel_nccl(nproc, tmp_path):
     if torch.cuda.device_count() < nproc:
         pytest.skip(f"needs {nproc} GPUs, found {torch.cuda.device_count()}")
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), str(SCRIPT),
-          "comm", "models"], tmp_path)
+          "comm", "models", "memory"], tmp_path)
