@@ -137,6 +137,7 @@ class _Ev:
 
     def __init__(self):
         self.ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if DEV == "cuda" else None
+        self.recorded = False
 
     def start(self):
         if self.ev:
@@ -145,9 +146,11 @@ class _Ev:
     def stop(self):
         if self.ev:
             self.ev[1].record()
+            self.recorded = True
 
     def ms(self) -> float:
-        return self.ev[0].elapsed_time(self.ev[1]) if self.ev else 0.0
+        """0 when nothing was timed (under ZeRO-3 the engine reduces the gradients inside its step)."""
+        return self.ev[0].elapsed_time(self.ev[1]) if self.recorded else 0.0
 
 
 def sync() -> None:
@@ -365,7 +368,7 @@ def profile_kernels(run_step) -> dict:
     }
 
 
-def run_config(mode_name: str, seq: int, args, sp, alst_state: dict) -> dict:
+def run_config(mode_name: str, seq: int, args, sp, state: dict) -> dict:
     import ulysses_attn
     from ulysses_attn import kernels
 
@@ -404,13 +407,13 @@ def run_config(mode_name: str, seq: int, args, sp, alst_state: dict) -> dict:
             ulysses_attn.configure_memory(
                 model, ulysses_attn.MemoryOptions.long_sequence(chunked_loss=mode_name == "ulysses"))
     if mode_name == "alst":
-        if "mpu" not in alst_state:
+        if "mpu" not in state:
             from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
 
-            alst_state["mpu"] = UlyssesSPAttentionHF.register_with_transformers(
+            state["mpu"] = UlyssesSPAttentionHF.register_with_transformers(
                 model_name_or_path=model, core_attn_implementation="sdpa", sequence_parallel_size=sp.size,
                 micro_batch_size=1, seq_length_is_variable=True)
-        mode.group = alst_state["mpu"].get_sequence_parallel_group()
+        mode.group = state["mpu"].get_sequence_parallel_group()
         assert dist.get_process_group_ranks(mode.group) == list(sp.ranks), "ALST and ulysses SP groups differ"
     cfg = model.config
     N = n_matmul(model)
@@ -420,7 +423,8 @@ def run_config(mode_name: str, seq: int, args, sp, alst_state: dict) -> dict:
         import deepspeed
 
         engine, opt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=zero3_config(),
-                                                 mpu=alst_state.get("mpu") if mode_name == "alst" else None)
+                                                 mpu=state.get("mpu") if mode_name == "alst" else None)
+        state["engine"] = engine  # destroyed by the caller, also when this configuration fails
     offload = contextlib.nullcontext()
     if args.long_sequence and mode_name == "alst":
         from deepspeed.runtime.activation_checkpointing.offload_activations import (
@@ -515,8 +519,6 @@ def run_config(mode_name: str, seq: int, args, sp, alst_state: dict) -> dict:
         "ulysses_kernel": used,
         **prof,
     }
-    if engine is not None:
-        engine.destroy()
     model = opt = batch = full = losses = engine = None  # free before the next configuration
     gc.collect()
     if DEV == "cuda":
@@ -653,7 +655,7 @@ def main() -> int:
     seqs = [int(s) for s in args.seq.split(",")]
     info = env_info(args)
     log(json.dumps(info, indent=1))
-    results, alst_state = [], {}
+    results, state = [], {}
     for mode_name in modes:
         for seq in seqs:
             log(f"--- {mode_name} seq={seq} P={1 if mode_name == 'sdpa' else sp_size} ---")
@@ -662,7 +664,7 @@ def main() -> int:
                 log(json.dumps(results[-1]))
                 continue
             try:
-                r = run_config(mode_name, seq, args, sp, alst_state)
+                r = run_config(mode_name, seq, args, sp, state)
             except torch.OutOfMemoryError as e:
                 r = {"mode": mode_name, "seq": seq, "error": "OOM: " + str(e).split("\n")[0][:200]}
             except Exception as e:  # noqa: BLE001
@@ -670,6 +672,10 @@ def main() -> int:
 
                 traceback.print_exc()
                 r = {"mode": mode_name, "seq": seq, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+            engine = state.pop("engine", None)
+            if engine is not None:  # frees ZeRO-3's partitions and hooks
+                engine.destroy()
+            engine = None
             gc.collect()
             if DEV == "cuda":
                 torch.cuda.empty_cache()
