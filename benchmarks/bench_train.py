@@ -406,7 +406,7 @@ def run_config(mode_name: str, seq: int, args, sp, state: dict) -> dict:
         else:
             ulysses_attn.configure_memory(
                 model, ulysses_attn.MemoryOptions.long_sequence(chunked_loss=mode_name == "ulysses"))
-    if mode_name == "alst":
+    if mode_name == "alst" and sp.size > 1:  # at P = 1 ALST registers nothing: sdpa + its memory features
         if "mpu" not in state:
             from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
 
