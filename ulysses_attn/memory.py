@@ -106,7 +106,12 @@ def _warn_offload_without_checkpointing() -> None:
 
 
 def _offloading_forward(model: torch.nn.Module, original):
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
     model._ulysses_offloader = offloader = CheckpointOffloader()
+    layers = [m for m in model.base_model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if layers:  # what the forward saves after the last decoder layer is the first the backward needs
+        layers[-1].register_forward_hook(lambda *_: offloader.keep_rest())
 
     @functools.wraps(original)
     def forward(*args, **kwargs):

@@ -11,7 +11,10 @@ precedence) and
   layers' compute (the caching allocator is told, with ``record_stream``, not to reuse the device
   memory before the copy is done);
 * in the backward, when a layer's input is unpacked for its recompute, starts the host-to-device
-  copy of the layer before it, so that copy overlaps this layer's backward.
+  copy of the layer before it, so that copy overlaps this layer's backward;
+* keeps on the device what is saved after the last decoder layer (:meth:`keep_rest` -- the final
+  norm's tensors, the first the backward needs: offloading them would stall its start) and copies
+  a tensor saved by several layers (the rotary cos/sin) once.
 
 transformers' own ``activation_checkpointing_kwargs={"offload": True}`` uses
 ``torch.autograd.graph.save_on_cpu``, whose copies run on the compute stream and stall it.
@@ -21,17 +24,20 @@ runs without copies (there is nowhere cheaper to put them).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 __all__ = ["CheckpointOffloader"]
 
 
 class _Offloaded:
-    __slots__ = ("index", "device", "host", "device_copy", "ready")
+    __slots__ = ("index", "device", "host", "device_copy", "ready", "uses")
 
     def __init__(self, index: int, device: torch.device, host: torch.Tensor, ready):
         self.index, self.device, self.host, self.ready = index, device, host, ready
         self.device_copy = None
+        self.uses = 1
 
 
 class CheckpointOffloader(torch.autograd.graph.saved_tensors_hooks):
@@ -44,13 +50,23 @@ class CheckpointOffloader(torch.autograd.graph.saved_tensors_hooks):
     def __init__(self, min_bytes: int = 1 << 20):
         self.min_bytes = min_bytes
         self._stream = None
-        self._records: list[_Offloaded] = []
+        self._records: list[_Offloaded | None] = []
+        self._seen: dict[int, tuple[weakref.ref, _Offloaded]] = {}
+        self._keeping = False
         self.offloaded_bytes = 0
         super().__init__(self._pack, self._unpack)
 
     def __enter__(self):
-        self._records, self.offloaded_bytes = [], 0
+        self._records, self._seen, self._keeping, self.offloaded_bytes = [], {}, False, 0
         return super().__enter__()
+
+    def __exit__(self, *exc):
+        self._seen = {}  # the storages may be reused once the forward is over
+        return super().__exit__(*exc)
+
+    def keep_rest(self) -> None:
+        """Keep every tensor saved from now until the end of this forward on the device."""
+        self._keeping = True
 
     def _side_stream(self, device: torch.device):
         if self._stream is None:
@@ -59,8 +75,12 @@ class CheckpointOffloader(torch.autograd.graph.saved_tensors_hooks):
 
     def _pack(self, tensor: torch.Tensor):
         nbytes = tensor.numel() * tensor.element_size()
-        if nbytes < self.min_bytes:
+        if nbytes < self.min_bytes or self._keeping:
             return tensor
+        source, record = self._seen.get(id(tensor), (None, None))
+        if source is not None and source() is tensor and record.uses:  # the same tensor, saved again
+            record.uses += 1
+            return record
         self.offloaded_bytes += nbytes
         if tensor.device.type != "cuda":
             # nowhere cheaper to go; kept as is so the same bookkeeping runs (and is tested) on CPU
@@ -76,6 +96,7 @@ class CheckpointOffloader(torch.autograd.graph.saved_tensors_hooks):
                 ready.record(stream)
             record = _Offloaded(len(self._records), tensor.device, host, ready)
         self._records.append(record)
+        self._seen[id(tensor)] = (weakref.ref(tensor), record)
         return record
 
     def _fetch(self, record: _Offloaded) -> None:
@@ -91,16 +112,25 @@ class CheckpointOffloader(torch.autograd.graph.saved_tensors_hooks):
             record.ready = torch.cuda.Event()
             record.ready.record(stream)
 
+    def _prefetch_before(self, index: int) -> None:
+        """The backward reaches the checkpointed layers in reverse order: start copying the
+        closest earlier record that is still on the host."""
+        for j in range(index - 1, -1, -1):
+            record = self._records[j]
+            if record is not None and record.device_copy is None:
+                self._fetch(record)
+                return
+
     def _unpack(self, packed):
         if not isinstance(packed, _Offloaded):
             return packed
         self._fetch(packed)
-        # the backward reaches the checkpointed layers in reverse order: start copying the next one
-        previous = self._records[packed.index - 1] if packed.index > 0 else None
-        if previous is not None:
-            self._fetch(previous)
-        tensor, packed.device_copy = packed.device_copy, None
-        self._records[packed.index] = None
+        self._prefetch_before(packed.index)
+        tensor = packed.device_copy
+        packed.uses -= 1
+        if packed.uses == 0:  # the last layer that saved it has unpacked it
+            packed.device_copy = None
+            self._records[packed.index] = None
         if packed.device.type == "cuda":
             current = torch.cuda.current_stream(packed.device)
             current.wait_event(packed.ready)
