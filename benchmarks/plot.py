@@ -1,0 +1,87 @@
+"""Plots for docs/benchmarks.md and docs/long-sequences.md from the JSON in benchmarks/results/.
+
+    python benchmarks/plot.py            # writes docs/img/*.png (needs matplotlib)
+
+Each figure names the GPU from the JSON's ``info.gpu`` and plots tokens/s per GPU and peak memory
+per GPU against the sequence length, one line per mode; failed configurations are left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+
+FIGURES = {
+    "sp2_1b": dict(
+        title="Llama-3.2-1B shape, P = 2 (SP) vs no SP",
+        files=["2026-11-28_h200x2_1b_p2_16k-32k.json", "2026-11-28_h200x2_1b_p2_64k.json",
+               "2026-11-28_h200x2_1b_p2_128k.json", "2026-11-28_h200x2_1b_p2_128k_enable_gqa.json"],
+        modes={"sdpa": "no SP (sdpa, DP 2)", "ulysses": "ulysses_flash", "alst": "DeepSpeed ALST"},
+    ),
+    "long_sequence_1b": dict(
+        title="Llama-3.2-1B shape, one GPU, long-sequence memory features",
+        files=["2026-11-28_h200_1b_p1_long_sequence_64k-128k.json",
+               "2026-11-28_h200_1b_p1_long_sequence_256k.json"],
+        modes={"ulysses": "ulysses_attn long_sequence", "alst": "ALST TiledMLP + TiledFusedLogitsLoss + offload"},
+    ),
+}
+
+
+def load(files: list[str]) -> tuple[str, dict[str, list[tuple[int, float, float]]]]:
+    gpus, lines = set(), defaultdict(dict)
+    for name in files:
+        data = json.loads((RESULTS / name).read_text())
+        gpus.add(f"{data['info']['gpu']} x{data['info'].get('gpu_count', '?')}")
+        for r in data["results"]:
+            if "error" not in r:  # a later file's run of the same point replaces an earlier one
+                lines[r["mode"]][r["seq"]] = (r["tokens_per_s_per_gpu"], r["peak_mem_gib"])
+    series = {m: sorted((s, *v) for s, v in pts.items()) for m, pts in lines.items()}
+    return ", ".join(sorted(gpus)), series
+
+
+def plot(key: str, spec: dict, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gpu, series = load(spec["files"])
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
+    for mode, label in spec["modes"].items():
+        if mode not in series:
+            continue
+        seq, tok, mem = zip(*series[mode])
+        kk = [s // 1024 for s in seq]
+        ax_t.plot(kk, tok, marker="o", label=label)
+        ax_m.plot(kk, mem, marker="o", label=label)
+    for ax, ylabel in ((ax_t, "tokens/s per GPU"), (ax_m, "peak memory per GPU (GiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length (K tokens)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{spec['title']} -- {gpu}", fontsize=10)
+    fig.tight_layout()
+    path = out / f"{key}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=str(ROOT.parent / "docs" / "img"))
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for key, spec in FIGURES.items():
+        print(plot(key, spec, out))
+
+
+if __name__ == "__main__":
+    main()
