@@ -6,6 +6,8 @@
 Modes (each trains the same model, bf16, gradient checkpointing, AdamW, the same loss):
 
 * ``ulysses``: ``attn_implementation="ulysses_flash"`` (this package), SP group of ``--sp`` ranks;
+  ``ulysses+selective`` also keeps the attention outputs through the recompute
+  (``MemoryOptions.selective_checkpointing``);
 * ``alst``: DeepSpeed ALST attention (``UlyssesSPAttentionHF.register_with_transformers`` over
   ``sdpa``), the same SP groups (ranks ``[g*P, (g+1)*P)``); only its attention component, not the
   DeepSpeed engine;
@@ -374,6 +376,9 @@ def run_config(mode_name: str, seq: int, args, sp, state: dict) -> dict:
 
     world, rank = dist.get_world_size(), dist.get_rank()
     label = mode_name
+    mode_name, _, variant = mode_name.partition("+")  # "ulysses+selective": keep attention outputs
+    if variant not in ("", "selective") or (variant and not mode_name.startswith("ulysses")):
+        raise ValueError(f"unknown variant in {label!r} (only ulysses+selective)")
     mode_name, _, forced = mode_name.partition("@")  # "ulysses@torch_varlen": force the inner kernel
     if forced:
         if mode_name != "ulysses":
@@ -400,12 +405,13 @@ def run_config(mode_name: str, seq: int, args, sp, state: dict) -> dict:
         from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
         model._hf_ds_config = HfDeepSpeedConfig(zero3_config())  # is_deepspeed_zero3_enabled() while alive
-    if args.long_sequence:
-        if mode_name == "alst":
-            alst_tile_mlps(model)
-        else:
-            ulysses_attn.configure_memory(
-                model, ulysses_attn.MemoryOptions.long_sequence(chunked_loss=mode_name == "ulysses"))
+    if args.long_sequence and mode_name == "alst":
+        alst_tile_mlps(model)
+    elif args.long_sequence or variant:
+        options = (ulysses_attn.MemoryOptions.long_sequence(chunked_loss=mode_name == "ulysses") if args.long_sequence
+                   else ulysses_attn.MemoryOptions(chunked_loss=False))
+        options.selective_checkpointing = variant == "selective"
+        ulysses_attn.configure_memory(model, options)
     if mode_name == "alst" and sp.size > 1:  # at P = 1 ALST registers nothing: sdpa + its memory features
         if "mpu" not in state:
             from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
@@ -638,7 +644,7 @@ def main() -> int:
     TIMER.install()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for m in modes:
-        if m.split("@")[0] not in ("sdpa", "ulysses", "alst"):
+        if m.split("@")[0].split("+")[0] not in ("sdpa", "ulysses", "alst"):
             ap.error(f"unknown mode {m!r}")
     if "alst" in modes or args.zero:
         try:
@@ -651,7 +657,7 @@ def main() -> int:
             log(f"DeepSpeed ALST unavailable ({type(e).__name__}: {e}); skipping mode alst")
             modes.remove("alst")
     # ALST replaces the global "sdpa" attention for the whole process: run it last
-    modes.sort(key=lambda m: {"sdpa": 0, "ulysses": 1, "alst": 2}[m.split("@")[0]])
+    modes.sort(key=lambda m: {"sdpa": 0, "ulysses": 1, "alst": 2}[m.split("@")[0].split("+")[0]])
     seqs = [int(s) for s in args.seq.split(",")]
     info = env_info(args)
     log(json.dumps(info, indent=1))

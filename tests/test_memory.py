@@ -110,3 +110,92 @@ def test_launcher_long_sequence_switch_sp2_equals_plain(tmp_path, baselines):
     assert ref[0]["lm_head_rows_max"] > 48 >= sp[0]["lm_head_rows_max"]
     assert ref[0]["mlp_rows_max"] > 2 * 40 >= sp[0]["mlp_rows_max"]
     assert sp[0]["longest_sequence_seen"] <= ref[0]["longest_sequence_seen"] // 2
+
+
+class CountAttentionKernels(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "scaled_dot_product" in str(func) and "backward" not in str(func):
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_selective_checkpointing_keeps_attention_and_equals_full_recompute():
+    ref = build("llama", "sdpa")
+    model = copy.deepcopy(ref)
+    ids = torch.randint(1, VOCAB, (2, 40), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    layers = len(ref.model.layers)
+    runs = {}
+    for name, m, options in (("full", ref, MemoryOptions()),
+                             ("selective", model, MemoryOptions(tiled_mlp=True, mlp_chunk_tokens=8,
+                                                                selective_checkpointing=True))):
+        configure_memory(m, options)
+        m.gradient_checkpointing_enable()
+        m.train()
+        with CountAttentionKernels() as count:
+            loss = m(**batch).loss
+            loss.backward()
+        runs[name] = (loss.detach(), {n: p.grad for n, p in m.named_parameters()}, count.calls)
+    (ref_loss, ref_grads, ref_calls), (loss, grads, calls) = runs["full"], runs["selective"]
+    assert ref_calls == 2 * layers  # full checkpointing runs every attention forward twice
+    assert calls == layers  # the kept outputs spare the recompute
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
+    for name, g in grads.items():
+        assert ((g - ref_grads[name]).norm() / ref_grads[name].norm()).item() < 1e-5, name
+
+
+def _sp_memory_worker(rank, world, tied):
+    import torch.distributed as dist
+
+    import ulysses_attn
+    from ulysses_attn.loss import causal_lm_loss
+
+    ulysses_attn.init_sequence_parallel(world)
+    ids = torch.randint(1, VOCAB, (1, 61), generator=torch.Generator().manual_seed(3))
+    labels = ids.clone()
+    labels[0, :9] = -100
+    batch = {"input_ids": ids, "labels": labels, "use_cache": False}
+    ref = build("llama", "sdpa", tie_word_embeddings=tied)
+    ref_out = ref(**batch)
+    ref_out.loss.backward()
+
+    model = build("llama", "ulysses_flash", tie_word_embeddings=tied)
+    model.loss_function = causal_lm_loss
+    configure_memory(model, MemoryOptions.long_sequence(loss_chunk_tokens=5, mlp_chunk_tokens=4, offload_min_bytes=0,
+                                                        selective_checkpointing=True))
+    model.gradient_checkpointing_enable()
+    model.train()
+    seen = []
+    for layer in model.model.layers:
+        layer.mlp.down_proj.register_forward_hook(lambda m, a, o: seen.append(o.shape[1]))
+    shard = ulysses_attn.shard_batch(batch)
+    with CountAttentionKernels() as count:
+        out = model(**shard)
+        out.loss.backward()
+    errors = {}
+    for n, p in model.named_parameters():
+        g = p.grad.clone()
+        dist.all_reduce(g)
+        ref_g = dict(ref.named_parameters())[n].grad
+        errors[n] = ((g / world - ref_g).norm() / ref_g.norm()).item()
+    return {"loss": (out.loss.item(), ref_out.loss.item()), "grads": errors, "shard": shard["input_ids"].shape[1],
+            "mlp_rows": max(seen), "attention_calls": count.calls, "layers": len(model.model.layers),
+            "offloaded": model._ulysses_offloader.offloaded_bytes, "logits": out.logits}
+
+
+@pytest.mark.parametrize("world,tied", [(2, False), (4, True)])
+def test_long_sequence_and_selective_checkpointing_under_sp_equal_plain_forward(world, tied):
+    from distributed import run_distributed
+
+    for r in run_distributed(_sp_memory_worker, world, tied):
+        assert r["shard"] == -(-61 // world)  # the layers ran on the rank's shard only
+        assert r["mlp_rows"] <= 4 and r["logits"] is None and r["offloaded"] > 0
+        assert r["attention_calls"] == r["layers"]  # attention kept, not recomputed
+        sp_loss, ref_loss = r["loss"]
+        assert sp_loss == pytest.approx(ref_loss, rel=1e-5)
+        bad = {n: e for n, e in r["grads"].items() if not e < 1e-5}
+        assert not bad, bad

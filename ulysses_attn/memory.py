@@ -7,9 +7,11 @@
 * ``tiled_mlp``: decoder MLPs run over sequence chunks (:mod:`ulysses_attn.tiled_mlp`).
 * ``offload_checkpoints``: with activation checkpointing on, the layers' checkpointed inputs go
   to pinned host memory, overlapped with compute (:mod:`ulysses_attn.offload`).
+* ``selective_checkpointing`` (off; costs memory, saves time): checkpointed layers keep their
+  attention kernel's output instead of recomputing it (:mod:`ulysses_attn.selective_checkpoint`).
 
-``enable(sp_size, long_sequence=True)`` (launcher: ``--long-sequence``) turns all three on, and
-activation checkpointing with them, for every Trainer; :func:`configure_memory` does it for one
+``enable(sp_size, long_sequence=True)`` (launcher: ``--long-sequence``) turns the first three on,
+and activation checkpointing with them, for every Trainer; :func:`configure_memory` does it for one
 model.
 """
 
@@ -24,6 +26,7 @@ import torch
 
 from .loss import chunked_causal_lm_loss
 from .offload import CheckpointOffloader
+from .selective_checkpoint import keep_attention_outputs
 from .tiled_mlp import tile_mlp
 
 logger = logging.getLogger("ulysses_attn")
@@ -44,6 +47,7 @@ class MemoryOptions:
     offload_checkpoints: bool = False
     offload_min_bytes: int = 1 << 20  # smaller saved tensors stay on the device
     activation_checkpointing: bool = False  # turned on for the Trainer when set (long_sequence)
+    selective_checkpointing: bool = False
 
     @classmethod
     def long_sequence(cls, **overrides) -> "MemoryOptions":
@@ -116,7 +120,10 @@ def _offloading_forward(model: torch.nn.Module, original):
     @functools.wraps(original)
     def forward(*args, **kwargs):
         options: MemoryOptions = model._ulysses_memory
-        if options.offload_checkpoints and model.training and torch.is_grad_enabled():
+        training = model.training and torch.is_grad_enabled()
+        if training and options.selective_checkpointing and _is_checkpointing(model):
+            keep_attention_outputs(model)  # the Trainer (re-)enables checkpointing in train()
+        if options.offload_checkpoints and training:
             if _is_checkpointing(model):
                 with offloader:
                     return original(*args, **kwargs)

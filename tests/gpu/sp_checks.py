@@ -18,6 +18,7 @@
   tiled MLP, checkpoint offload to pinned host memory on a side stream) under SP with small chunks
   (several loss and MLP chunks per shard, every checkpointed layer input offloaded), against the
   plain single-process model: same tolerances as ``models``; also records the bytes offloaded.
+  Llama also with ``selective_checkpointing`` (attention outputs kept through the recompute).
 
 Every case is recorded (``DIR/<check>-rank<r>.json``) and failures are collected rather than
 raised, so one run reports everything; the exit code is 1 when any case failed.
@@ -402,11 +403,11 @@ def check_models(args) -> None:
 def check_memory(args) -> None:
     exact_fp32()
     P = ulysses_attn.get_sequence_parallel().size
-    for name in ("llama", "qwen2"):
+    for name, selective in (("llama", False), ("qwen2", False), ("llama", True)):
         batch = make_batch("plain")
         for dtype in (torch.bfloat16, torch.float32):
             dname = str(dtype).split(".")[-1]
-            label = f"{name}/{dname}/P{P}/long_sequence"
+            label = f"{name}/{dname}/P{P}/long_sequence" + ("+selective" if selective else "")
             kernels.set_kernel("sdpa" if dtype == torch.float32 else None)
             try:
                 ref_loss, ref_logits, ref_grads = _reference(name, batch, dtype)
@@ -415,7 +416,8 @@ def check_memory(args) -> None:
                 model.train()
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 ulysses_attn.configure_memory(model, ulysses_attn.MemoryOptions.long_sequence(
-                    loss_chunk_tokens=SEQ // (4 * P), mlp_chunk_tokens=SEQ // (4 * P), offload_min_bytes=0))
+                    loss_chunk_tokens=SEQ // (4 * P), mlp_chunk_tokens=SEQ // (4 * P), offload_min_bytes=0,
+                    selective_checkpointing=selective))
                 out = model(**ulysses_attn.shard_batch(batch))
                 out.loss.backward()
                 grads = {}
