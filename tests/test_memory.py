@@ -100,9 +100,9 @@ def test_tile_mlp_refuses_mixture_of_experts():
 ENV = {"ULYSSES_LOSS_CHUNK_TOKENS": "48", "ULYSSES_MLP_CHUNK_TOKENS": "40", "ULYSSES_OFFLOAD_MIN_BYTES": "4096"}
 
 
-def test_launcher_long_sequence_switch_sp2_equals_plain(tmp_path, baselines):
+def test_launcher_long_sequence_and_selective_switches_sp2_equal_plain(tmp_path, baselines):
     ref = baselines("plain", extra=["--eval"])
-    sp = run_example(tmp_path, 2, 2, extra=["--eval"], launch_flags=["--long-sequence"],
+    sp = run_example(tmp_path, 2, 2, extra=["--eval"], launch_flags=["--long-sequence", "--selective-checkpointing"],
                      env=ENV)
     diff = compare(sp, ref)
     assert diff["same_length"] and max(diff["logged"].values()) < 1e-5 and diff["weights"] < 5e-5, diff

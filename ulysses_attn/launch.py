@@ -16,6 +16,7 @@ import runpy
 import sys
 
 from .integrations.trainer import enable
+from .memory import MemoryOptions
 
 
 def _split(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -33,7 +34,8 @@ def _split(argv: list[str]) -> tuple[list[str], list[str]]:
 def main(argv: list[str] | None = None) -> None:
     own, target = _split(list(sys.argv[1:] if argv is None else argv))
     parser = argparse.ArgumentParser(
-        prog="python -m ulysses_attn.launch", usage="%(prog)s [--sp-size N] [--kernel K] [--long-sequence] (script.py | -m module) [args]"
+        prog="python -m ulysses_attn.launch", usage="%(prog)s [--sp-size N] [--kernel K] [--long-sequence] [--selective-checkpointing] "
+              "(script.py | -m module) [args]"
     )
     parser.add_argument("--sp-size", type=int, default=None,
                         help="sequence-parallel size (default: $ULYSSES_SP_SIZE or the DeepSpeed config's "
@@ -42,10 +44,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--long-sequence", action="store_true",
                         help="turn on every memory saving: chunked loss, tiled MLP, activation checkpointing with "
                              "CPU offload (docs/long-sequences.md)")
+    parser.add_argument("--selective-checkpointing", action="store_true",
+                        help="activation checkpointing that keeps the attention outputs (more memory, less time)")
     args = parser.parse_args(own)
     if not target or (target[0] == "-m" and len(target) < 2):
         parser.error("give a script to run (or -m module)")
-    enable(args.sp_size, kernel=args.kernel, long_sequence=args.long_sequence)
+    memory = None
+    if args.selective_checkpointing:
+        memory = MemoryOptions.long_sequence() if args.long_sequence else MemoryOptions(activation_checkpointing=True)
+        memory.selective_checkpointing = True
+    enable(args.sp_size, kernel=args.kernel, long_sequence=args.long_sequence and memory is None, memory=memory)
     if target[0] == "-m":
         sys.argv = [target[1], *target[2:]]
         runpy.run_module(target[1], run_name="__main__", alter_sys=True)
