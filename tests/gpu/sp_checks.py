@@ -28,6 +28,7 @@ raised, so one run reports everything; the exit code is 1 when any case failed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -296,12 +297,42 @@ def _sp_run(model, batch):
     out.loss.backward()
     seq = batch["input_ids"].shape[1]
     logits = comm.all_gather_seq(out.logits.detach().float(), sp.group)[:, :seq]
+    return out.loss.item(), logits, _mean_grads(model)
+
+
+def _mean_grads(model) -> dict:
+    """Each parameter's gradient averaged over all ranks: what DDP's mean hands the optimizer."""
     grads = {}
     for n, p in model.named_parameters():
         gr = p.grad.detach().float().clone()
         dist.all_reduce(gr)
-        grads[n] = gr / dist.get_world_size()  # what DDP's mean hands the optimizer
-    return out.loss.item(), logits, grads
+        grads[n] = gr / dist.get_world_size()
+    return grads
+
+
+@contextlib.contextmanager
+def _case(check: str, label: str):
+    """One case: an exception is recorded as its failure, so one run reports every case."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001
+        record(check, label, False, error=f"{type(e).__name__}: {e}")
+        traceback.print_exc()
+    finally:
+        kernels.set_kernel(None)
+        if DEVICE_TYPE == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _within_tolerance(m: dict, dtype: torch.dtype) -> bool:
+    """bf16: loss rel. diff <= 1e-2, gradient cosine >= 0.999 (each parameter >= 0.99); fp32:
+    loss, logits (where compared) and gradients rel. err <= 1e-5 (each parameter <= 1e-4)."""
+    if dtype == torch.bfloat16:
+        ok = m["loss_rel"] <= 1e-2 and m["grad_cos"] >= 0.999 and m["min_param_cos"] >= 0.99
+    else:
+        ok = m["loss_rel"] <= 1e-5 and m.get("logits_rel", 0.0) <= 1e-5 and m["grad_rel"] <= 1e-5 \
+            and m["max_param_rel"] <= 1e-4
+    return ok and all(math.isfinite(v) for v in m.values() if isinstance(v, float))
 
 
 def _compare(ref_loss, ref_logits, ref_grads, sp_loss, sp_logits, sp_grads):
@@ -378,26 +409,13 @@ def check_models(args) -> None:
                     label = f"{name}/{kind}/{dname}/P{P}/{kname or 'auto'}"
                     kernels.set_kernel(kname)
                     kernels._logged.clear()
-                    try:
+                    with _case("models", label):
                         model = build(name, "ulysses_flash", dtype)
                         model.loss_function = ulysses_attn.causal_lm_loss
                         m = _compare(*ref, *_sp_run(model, batch))
                         used = sorted({n for n, _ in kernels._logged})
                         del model
-                        if dtype == torch.bfloat16:
-                            ok = m["loss_rel"] <= 1e-2 and m["grad_cos"] >= 0.999 and m["min_param_cos"] >= 0.99
-                        else:
-                            ok = m["loss_rel"] <= 1e-5 and m["logits_rel"] <= 1e-5 and m["grad_rel"] <= 1e-5 \
-                                and m["max_param_rel"] <= 1e-4
-                        ok = ok and all(math.isfinite(v) for v in m.values() if isinstance(v, float))
-                        record("models", label, ok, kernels_used=used, **m)
-                    except Exception as e:  # noqa: BLE001
-                        record("models", label, False, error=f"{type(e).__name__}: {e}")
-                        traceback.print_exc()
-                    finally:
-                        kernels.set_kernel(None)
-                        if DEVICE_TYPE == "cuda":
-                            torch.cuda.empty_cache()
+                        record("models", label, _within_tolerance(m, dtype), kernels_used=used, **m)
 
 
 def check_memory(args) -> None:
@@ -409,7 +427,7 @@ def check_memory(args) -> None:
             dname = str(dtype).split(".")[-1]
             label = f"{name}/{dname}/P{P}/long_sequence" + ("+selective" if selective else "")
             kernels.set_kernel("sdpa" if dtype == torch.float32 else None)
-            try:
+            with _case("memory", label):
                 ref_loss, ref_logits, ref_grads = _reference(name, batch, dtype)
                 model = build(name, "ulysses_flash", dtype)
                 model.loss_function = ulysses_attn.causal_lm_loss
@@ -420,30 +438,14 @@ def check_memory(args) -> None:
                     selective_checkpointing=selective))
                 out = model(**ulysses_attn.shard_batch(batch))
                 out.loss.backward()
-                grads = {}
-                for n, p in model.named_parameters():
-                    gr = p.grad.detach().float().clone()
-                    dist.all_reduce(gr)
-                    grads[n] = gr / dist.get_world_size()
+                grads = _mean_grads(model)
                 m = _compare(ref_loss, ref_logits, ref_grads, out.loss.item(), ref_logits, grads)
                 m.pop("logits_rel")  # the chunked loss returns no logits
                 m["offloaded_mib"] = model._ulysses_offloader.offloaded_bytes / 2**20
                 m["logits_returned"] = out.logits is not None
                 del model, out
-                if dtype == torch.bfloat16:
-                    ok = m["loss_rel"] <= 1e-2 and m["grad_cos"] >= 0.999 and m["min_param_cos"] >= 0.99
-                else:
-                    ok = m["loss_rel"] <= 1e-5 and m["grad_rel"] <= 1e-5 and m["max_param_rel"] <= 1e-4
-                ok = ok and not m["logits_returned"] and (DEVICE_TYPE != "cuda" or m["offloaded_mib"] > 0)
-                ok = ok and all(math.isfinite(v) for v in m.values() if isinstance(v, float))
-                record("memory", label, ok, **m)
-            except Exception as e:  # noqa: BLE001
-                record("memory", label, False, error=f"{type(e).__name__}: {e}")
-                traceback.print_exc()
-            finally:
-                kernels.set_kernel(None)
-                if DEVICE_TYPE == "cuda":
-                    torch.cuda.empty_cache()
+                ok = _within_tolerance(m, dtype) and not m["logits_returned"]
+                record("memory", label, ok and (DEVICE_TYPE != "cuda" or m["offloaded_mib"] > 0), **m)
 
 
 # ------------------------------------------------------------------------------------------------
