@@ -25,9 +25,10 @@ FIGURES = {
     ),
     "long_sequence_1b": dict(
         title="Llama-3.2-1B shape, one GPU, long-sequence memory features",
-        files=["2026-11-28_h200_1b_p1_long_sequence_64k-128k.json",
-               "2026-11-28_h200_1b_p1_long_sequence_256k.json"],
-        modes={"ulysses": "ulysses_attn long_sequence", "alst": "ALST TiledMLP + TiledFusedLogitsLoss + offload"},
+        files=["2026-11-28_h200_1b_p1_long_sequence_256k.json",
+               "2026-11-28_h200_1b_p1_long_sequence_selective_64k-128k.json"],
+        modes={"ulysses": "ulysses_attn long_sequence", "ulysses+selective": "ulysses_attn long_sequence + selective",
+               "alst": "ALST TiledMLP + TiledFusedLogitsLoss + offload"},
     ),
 }
 
