@@ -47,7 +47,13 @@ def _loss_and_grads(model, batch):
 
 
 @pytest.mark.parametrize("arch,tied", [("llama", False), ("llama", True), ("gemma2", False)])
-def test_long_sequence_options_equal_plain_forward_and_bound_logits(arch, tied):
+def test_long_sequence_options_equal_plain_forward_and_bound_logits(arch, tied, monkeypatch):
+    import ulysses_attn.loss
+
+    fused_calls = []
+    fused = ulysses_attn.loss.linear_cross_entropy_sum
+    monkeypatch.setattr(ulysses_attn.loss, "linear_cross_entropy_sum",
+                        lambda *a: fused_calls.append(a[3]) or fused(*a))
     ref = build(arch, REFERENCE_ATTN[arch], tie_word_embeddings=tied)
     model = copy.deepcopy(ref)
     ids = torch.randint(1, VOCAB, (2, 40), generator=torch.Generator().manual_seed(0))
@@ -68,6 +74,8 @@ def test_long_sequence_options_equal_plain_forward_and_bound_logits(arch, tied):
     for name, g in grads.items():
         assert ((g - ref_grads[name]).norm() / ref_grads[name].norm()).item() < 1e-5, name
     assert ref_rows >= 2 * 40 and rows <= CHUNK  # no logits tensor larger than one chunk, fwd or bwd
+    # a plain head takes the fused path (gradients in the forward); soft-capping (Gemma 2) the checkpointed one
+    assert fused_calls == ([] if arch == "gemma2" else [-(-(2 * 40 - 1 - 10) // CHUNK)])
     assert max(mlp_rows) <= 2 * 8 and len(mlp_rows) > 2 * len(model.model.layers)
     # exactly the checkpointed layer inputs ([2, 40, 32] fp32) went through the offloader; what the
     # final norm saves stays (the rotary cos/sin are below offload_min_bytes here)
@@ -86,6 +94,23 @@ def test_offloader_copies_a_tensor_saved_twice_once_and_keeps_the_tail():
     fourth.sum().backward()
     assert offloader.offloaded_bytes == x.numel() * x.element_size()
     torch.testing.assert_close(x.grad, 4 * x.detach() ** 3)
+
+
+def test_fused_linear_cross_entropy_equals_plain_under_loss_scaling():
+    from ulysses_attn.fused_cross_entropy import linear_cross_entropy_sum
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(50, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(40, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    y = torch.randint(0, 40, (50,), generator=g)
+    # the loss is scaled after the head (as the Trainer does): the weight gradient must follow
+    ref = torch.nn.functional.cross_entropy(h @ w.t(), y, reduction="sum") * 3.7
+    ref_grads = torch.autograd.grad(ref, (h, w))
+    out = linear_cross_entropy_sum(h, w, y, chunks=7) * 3.7
+    grads = torch.autograd.grad(out, (h, w))
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=0)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_tile_mlp_refuses_mixture_of_experts():

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .comm import all_reduce_sum, chunk_count
+from .fused_cross_entropy import linear_cross_entropy_sum
 from .groups import SequenceParallel, get_sequence_parallel
 
 __all__ = ["causal_lm_loss", "chunked_causal_lm_loss", "sp_sum", "default_loss_chunk_tokens"]
@@ -89,6 +90,16 @@ def _mean_over_group(local_sum, shift_labels, num_items_in_batch, ignore_index, 
     return local_sum / count
 
 
+def _plain_linear(lm_head: torch.nn.Module) -> bool:
+    """A bias-free ``nn.Linear`` that nothing hooks (no accelerate device hooks, no forward hooks)
+    and that ZeRO-3 does not partition: its weight can be used directly, without calling it."""
+    return (
+        type(lm_head) is torch.nn.Linear and lm_head.bias is None and not hasattr(lm_head.weight, "ds_id")
+        and not hasattr(lm_head, "_hf_hook") and not lm_head._forward_hooks and not lm_head._forward_pre_hooks
+        and not torch.nn.modules.module._global_forward_hooks and not torch.nn.modules.module._global_forward_pre_hooks
+    )
+
+
 def default_loss_chunk_tokens(vocab_size: int, budget_bytes: int = 1 << 30) -> int:
     """Tokens per loss chunk so that one chunk's fp32 logits take about ``budget_bytes`` (1 GiB:
     2048 tokens for a 128K vocabulary)."""
@@ -109,11 +120,14 @@ def chunked_causal_lm_loss(
 ) -> torch.Tensor:
     """:func:`causal_lm_loss` of ``lm_head(hidden_states)`` without materialising the logits.
 
-    Only tokens with a label are projected, ``chunk_tokens`` at a time, each chunk under
-    non-reentrant activation checkpointing: its ``[chunk, vocab]`` logits are freed after the
-    forward and recomputed, one chunk at a time, in the backward. The head is called as a module,
-    so DeepSpeed ZeRO-3 gathers its weight as for the plain forward; tied embeddings work as is.
-    Same reduction as :func:`causal_lm_loss` (exact up to float summation order).
+    Only tokens with a label are projected, ``chunk_tokens`` at a time. A plain bias-free
+    ``nn.Linear`` head goes through :mod:`~ulysses_attn.fused_cross_entropy` (gradients computed
+    with each chunk's logits in the forward, nothing recomputed). Otherwise -- under ZeRO-3, with a
+    hooked or wrapped head (PEFT, accelerate offload), logit scaling or soft-capping -- each chunk
+    runs under non-reentrant activation checkpointing and calls the head as a module (so ZeRO-3
+    gathers its weight): the chunk's logits are freed after the forward and recomputed in the
+    backward. Tied embeddings work either way. Same reduction as :func:`causal_lm_loss` (exact up
+    to float summation order).
 
     >>> hidden = model.model(input_ids=shard["input_ids"], position_ids=shard["position_ids"])[0]
     >>> loss = chunked_causal_lm_loss(hidden, model.lm_head, shift_labels=shard["shift_labels"])
@@ -124,8 +138,8 @@ def chunked_causal_lm_loss(
     scored = (targets != ignore_index).nonzero().squeeze(1)
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1]).index_select(0, scored)
     targets = targets.index_select(0, scored)
-    if chunk_tokens is None:
-        chunk_tokens = default_loss_chunk_tokens(lm_head.weight.shape[0])
+    if chunk_tokens is None:  # a ZeRO-3 partition keeps its full shape in ds_shape
+        chunk_tokens = default_loss_chunk_tokens(getattr(lm_head.weight, "ds_shape", lm_head.weight.shape)[0])
 
     def chunk_loss(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = lm_head(h).float()
@@ -137,6 +151,9 @@ def chunked_causal_lm_loss(
 
     # An empty shard (all labels ignored) still runs the head, so every rank's graph reaches it.
     count = chunk_count(len(targets), chunk_tokens, hidden.device)
+    if _plain_linear(lm_head) and logit_scale == 1.0 and final_logit_softcapping is None:
+        local_sum = linear_cross_entropy_sum(hidden, lm_head.weight, targets, count)
+        return _mean_over_group(local_sum, shift_labels, num_items_in_batch, ignore_index, sp)
     local_sum = sum(
         checkpoint(chunk_loss, h, y, use_reentrant=False)
         for h, y in zip(hidden.tensor_split(count), targets.tensor_split(count))
