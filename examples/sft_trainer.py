@@ -59,16 +59,18 @@ def save_log_history(trainer, output_dir: str) -> None:
 
 
 class LongestSequenceSeen(TrainerCallback):
-    """Records the longest sequence any decoder layer processed, and the most token rows the LM
-    head (in training) and a decoder MLP's down projection processed in one call (plain forward hooks)."""
+    """Records the longest sequence any decoder layer processed, the most token rows a decoder MLP's
+    down projection and (with ``head=True``) the LM head in training processed in one call (plain
+    forward hooks; a hooked head makes the chunked loss call it as a module, chunk by chunk)."""
 
-    def __init__(self, model):
+    def __init__(self, model, head: bool = False):
         self.longest = self.head_rows = self.mlp_rows = 0
         layers = model.model.layers if hasattr(model, "model") else []
         for layer in layers:
             layer.register_forward_pre_hook(self._hook, with_kwargs=True)
             layer.mlp.down_proj.register_forward_hook(self._mlp_hook)
-        model.get_output_embeddings().register_forward_hook(self._head_hook)
+        if head:
+            model.get_output_embeddings().register_forward_hook(self._head_hook)
 
     def _hook(self, module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -96,6 +98,7 @@ def main():
     p.add_argument("--grad_accum", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--eval", action="store_true")
+    p.add_argument("--record_head_rows", action="store_true", help="hook the LM head to record its rows per call")
     p.add_argument("--save_steps", type=int, default=0, help="save a checkpoint every N steps (0: never)")
     p.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --output_dir")
     p.add_argument("--seed", type=int, default=0)
@@ -138,7 +141,7 @@ def main():
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
     )
-    seen = LongestSequenceSeen(model)
+    seen = LongestSequenceSeen(model, head=args.record_head_rows)
     trainer = Trainer(model=model, args=training_args, train_dataset=train,
                       eval_dataset=evaluation if args.eval else None, data_collator=collator, callbacks=[seen])
     trainer.train(resume_from_checkpoint=True if args.resume else None)
