@@ -90,5 +90,5 @@ def test_zero3_long_sequence_sp2_times_dp2_equals_ddp2(tmp_path, baselines):
     sp_run = run_example(tmp_path / "sp", nproc=4, sp="config", deepspeed_config=Z3,
                          extra=["--eval", "--record_head_rows"], launch_flags=["--long-sequence"], env=env)
     assert_same(sp_run, baselines("ddp2", nproc=2, extra=["--eval"]), 2)
-    assert sp_run[0]["activation_checkpointing"] and sp_run[0]["lm_head_rows_max"] <= 48
+    assert sp_run[0]["activation_checkpointing"] and 0 < sp_run[0]["lm_head_rows_max"] <= 48
     assert sp_run[0]["mlp_rows_max"] <= 2 * 40

@@ -93,11 +93,12 @@ def _mean_over_group(local_sum, shift_labels, num_items_in_batch, ignore_index, 
 def _plain_linear(lm_head: torch.nn.Module) -> bool:
     """A bias-free ``nn.Linear`` that nothing hooks (no accelerate device hooks, no forward hooks)
     and that ZeRO-3 does not partition: its weight can be used directly, without calling it."""
-    return (
-        type(lm_head) is torch.nn.Linear and lm_head.bias is None and not hasattr(lm_head.weight, "ds_id")
-        and not hasattr(lm_head, "_hf_hook") and not lm_head._forward_hooks and not lm_head._forward_pre_hooks
-        and not torch.nn.modules.module._global_forward_hooks and not torch.nn.modules.module._global_forward_pre_hooks
-    )
+    module_globals = torch.nn.modules.module
+    hooked = (lm_head._forward_hooks or lm_head._forward_pre_hooks or hasattr(lm_head, "_hf_hook")
+              or getattr(module_globals, "_global_forward_hooks", None)
+              or getattr(module_globals, "_global_forward_pre_hooks", None))
+    return type(lm_head) is torch.nn.Linear and lm_head.bias is None and not hasattr(lm_head.weight, "ds_id") \
+        and not hooked
 
 
 def default_loss_chunk_tokens(vocab_size: int, budget_bytes: int = 1 << 30) -> int:
