@@ -243,11 +243,6 @@ def offloaded_bytes(model, offload) -> int:
     return stats.offloaded_bytes if stats is not None else 0
 
 
-def _logit_shards(tokens: int, vocab: int) -> int:
-    """ArcticTraining's sizing of TiledFusedLogitsLoss: shards of about 1 GiB of fp32 logits."""
-    return max(1, -(-tokens * vocab * 4 // 2**30))
-
-
 def alst_tile_mlps(model) -> None:
     """DeepSpeed's TiledMLP in every decoder MLP, as its docstring patches LlamaMLP.forward
     (ceil(seqlen / hidden) shards; the ranks' lengths are equal here, so the MAX all-reduce the
@@ -276,8 +271,11 @@ def alst_loss_sum(hidden, lm_head, shift_labels):
         logits = head(x).float()
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1), ignore_index=-100, reduction="sum")
 
-    shards = _logit_shards(hidden.shape[1], lm_head.weight.shape[0] if lm_head.weight.numel() else
-                           lm_head.weight.ds_shape[0])
+    from ulysses_attn.loss import default_loss_chunk_tokens
+
+    # about 1 GiB of fp32 logits per shard, as ArcticTraining sizes them (and as our chunked loss does)
+    vocab = getattr(lm_head.weight, "ds_shape", lm_head.weight.shape)[0]
+    shards = max(1, -(-hidden.shape[1] // default_loss_chunk_tokens(vocab)))
     return TiledFusedLogitsLoss.apply(loss_fn, lm_head, hidden, shift_labels, None, shards, [lm_head.weight], "sum")
 
 

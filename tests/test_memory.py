@@ -170,6 +170,9 @@ def test_selective_checkpointing_keeps_attention_and_equals_full_recompute():
     (ref_loss, ref_grads, ref_calls), (loss, grads, calls) = runs["full"], runs["selective"]
     assert ref_calls == 2 * layers  # full checkpointing runs every attention forward twice
     assert calls == layers  # the kept outputs spare the recompute
+    from ulysses_attn.selective_checkpoint import keep_attention_outputs
+
+    assert keep_attention_outputs(model) == 0 and keep_attention_outputs(ref) == layers  # idempotent; ref was full
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
     for name, g in grads.items():
         assert ((g - ref_grads[name]).norm() / ref_grads[name].norm()).item() < 1e-5, name

@@ -23,6 +23,14 @@ ATTN_IMPLEMENTATION = "ulysses_flash"
 _TESTED = (Version("5.0.0"), Version("6.0.0"))  # [min, max)
 
 
+def decoder_layers(model) -> list:
+    """The decoder layers of ``model``: transformers' ``GradientCheckpointingLayer`` modules, in
+    registration order (what activation checkpointing wraps, and what the memory options act on)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
 def _needs_flash_shim() -> bool:
     from transformers.utils.generic import is_flash_attention_requested
 

@@ -49,11 +49,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(own)
     if not target or (target[0] == "-m" and len(target) < 2):
         parser.error("give a script to run (or -m module)")
-    memory = None
+    memory = MemoryOptions.long_sequence() if args.long_sequence else None
     if args.selective_checkpointing:
-        memory = MemoryOptions.long_sequence() if args.long_sequence else MemoryOptions(activation_checkpointing=True)
+        memory = memory or MemoryOptions(activation_checkpointing=True)
         memory.selective_checkpointing = True
-    enable(args.sp_size, kernel=args.kernel, long_sequence=args.long_sequence and memory is None, memory=memory)
+    enable(args.sp_size, kernel=args.kernel, memory=memory)
     if target[0] == "-m":
         sys.argv = [target[1], *target[2:]]
         runpy.run_module(target[1], run_name="__main__", alter_sys=True)

@@ -26,7 +26,8 @@ import torch
 
 from .loss import chunked_causal_lm_loss
 from .offload import CheckpointOffloader
-from .selective_checkpoint import keep_attention_outputs
+from .compat import decoder_layers
+from .selective_checkpoint import keep_attention_outputs_of
 from .tiled_mlp import tile_mlp
 
 logger = logging.getLogger("ulysses_attn")
@@ -92,7 +93,7 @@ def configure_memory(model: torch.nn.Module, options: MemoryOptions | None = Non
     if getattr(model, "_ulysses_memory", None) is None:
         model.forward = _chunked_loss_forward(model, model.forward)
         backbone = model.base_model
-        backbone.forward = _offloading_forward(model, backbone.forward)
+        backbone.forward = _backbone_forward(model, backbone.forward)
     model._ulysses_memory = options
     model._ulysses_offloader.min_bytes = options.offload_min_bytes
     return options
@@ -109,11 +110,10 @@ def _warn_offload_without_checkpointing() -> None:
                    "(model.gradient_checkpointing_enable() / TrainingArguments(activation_checkpointing=True)).")
 
 
-def _offloading_forward(model: torch.nn.Module, original):
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
+def _backbone_forward(model: torch.nn.Module, original):
+    """The backbone's forward with the activation options: selective checkpointing and offload."""
     model._ulysses_offloader = offloader = CheckpointOffloader()
-    layers = [m for m in model.base_model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    layers = decoder_layers(model.base_model)
     if layers:  # what the forward saves after the last decoder layer is the first the backward needs
         layers[-1].register_forward_hook(lambda *_: offloader.keep_rest())
 
@@ -121,12 +121,13 @@ def _offloading_forward(model: torch.nn.Module, original):
     def forward(*args, **kwargs):
         options: MemoryOptions = model._ulysses_memory
         training = model.training and torch.is_grad_enabled()
-        if training and options.selective_checkpointing and _is_checkpointing(model):
-            keep_attention_outputs(model)  # the Trainer (re-)enables checkpointing in train()
+        checkpointing = training and _is_checkpointing(model)
+        if checkpointing and options.selective_checkpointing:
+            keep_attention_outputs_of(layers)  # the Trainer (re-)enables checkpointing in train()
+        if options.offload_checkpoints and checkpointing:
+            with offloader:
+                return original(*args, **kwargs)
         if options.offload_checkpoints and training:
-            if _is_checkpointing(model):
-                with offloader:
-                    return original(*args, **kwargs)
             _warn_offload_without_checkpointing()
         return original(*args, **kwargs)
 

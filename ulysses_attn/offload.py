@@ -78,7 +78,7 @@ class CheckpointOffloader(torch.autograd.graph.saved_tensors_hooks):
         if nbytes < self.min_bytes or self._keeping:
             return tensor
         source, record = self._seen.get(id(tensor), (None, None))
-        if source is not None and source() is tensor and record.uses:  # the same tensor, saved again
+        if source is not None and source() is tensor:  # the same tensor, saved again (by another layer)
             record.uses += 1
             return record
         self.offloaded_bytes += nbytes

@@ -18,6 +18,8 @@ import functools
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+from .compat import decoder_layers
+
 __all__ = ["save_attention_policy", "keep_attention_outputs"]
 
 # forward attention kernels as the dispatcher sees them (SDPA's flash/cuDNN/efficient/CPU-flash
@@ -41,13 +43,16 @@ def _context():
 def keep_attention_outputs(model: torch.nn.Module) -> int:
     """Make the checkpointed decoder layers of ``model`` keep their attention outputs. Call it
     after checkpointing is enabled (the Trainer enables it in ``train()``; :func:`configure_memory`
-    calls this at every training forward). Returns the number of layers changed."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
+    does it at every training forward). Returns the number of layers changed."""
+    return keep_attention_outputs_of(decoder_layers(model))
 
+
+def keep_attention_outputs_of(layers) -> int:
+    """:func:`keep_attention_outputs` for given decoder layers; layers already changed are skipped."""
     changed = 0
-    for layer in model.modules():
+    for layer in layers:
         func = getattr(layer, "_gradient_checkpointing_func", None)
-        if not isinstance(layer, GradientCheckpointingLayer) or func is None or getattr(func, "_ulysses_keep", False):
+        if func is None or getattr(func, "_ulysses_keep", False):
             continue
         if getattr(func, "keywords", {}).get("use_reentrant", False):
             raise ValueError("selective checkpointing needs non-reentrant checkpointing "

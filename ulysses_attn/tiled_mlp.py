@@ -21,6 +21,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .comm import chunk_count
+from .compat import decoder_layers
 
 __all__ = ["tile_mlp", "default_mlp_chunk_tokens"]
 
@@ -35,13 +36,7 @@ def default_mlp_chunk_tokens(config) -> int:
 
 
 def _decoder_mlps(model: torch.nn.Module) -> list[torch.nn.Module]:
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    return [
-        layer.mlp
-        for layer in model.modules()
-        if isinstance(layer, GradientCheckpointingLayer) and isinstance(getattr(layer, "mlp", None), torch.nn.Module)
-    ]
+    return [layer.mlp for layer in decoder_layers(model) if isinstance(getattr(layer, "mlp", None), torch.nn.Module)]
 
 
 class _Tiling:
