@@ -368,6 +368,17 @@ def profile_kernels(run_step) -> dict:
     }
 
 
+def describe_loss_path(mode_name: str, model, args) -> str:
+    """Which loss ran: ours fuses the head and the cross-entropy for a plain head, else chunks."""
+    if args.long_sequence and mode_name == "alst":
+        return "alst TiledFusedLogitsLoss"
+    if args.long_sequence and mode_name == "ulysses":
+        from ulysses_attn.loss import _plain_linear
+
+        return "fused" if _plain_linear(model.get_output_embeddings()) else "checkpointed chunks"
+    return args.loss
+
+
 def run_config(mode_name: str, seq: int, args, sp, state: dict) -> dict:
     import ulysses_attn
     from ulysses_attn import kernels
@@ -484,6 +495,7 @@ def run_config(mode_name: str, seq: int, args, sp, state: dict) -> dict:
     reserved = torch.cuda.max_memory_reserved() / 2**30 if DEV == "cuda" else 0.0
     prof = profile_kernels(step) if args.profile else {}
     used = sorted({n for n, _ in kernels._logged}) if mode_name == "ulysses" else []
+    loss_path = describe_loss_path(mode_name, model, args)
 
     # slowest rank decides the step; memory: the largest rank
     t = torch.tensor([statistics.median(times), max(peak, 0), reserved, statistics.median(a2a), statistics.median(gsync)],
@@ -517,6 +529,7 @@ def run_config(mode_name: str, seq: int, args, sp, state: dict) -> dict:
         "a2a_share": round(tmean[3].item() / step_ms, 4),
         "a2a_calls_per_step": calls,
         "grad_allreduce_ms": round(tmean[4].item(), 2),
+        "loss_path": loss_path,
         "loss_first_last": [round(losses[0].item(), 4), round(losses[-1].item(), 4)],
         "N_matmul": N,
         "attn_flop_share": round(6 * L * seq * seq * H * D / flops, 3),
