@@ -331,17 +331,23 @@ def sync_grads(model, world: int) -> None:
             dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
 
 
-def profile_kernels(run_step) -> dict:
-    """Run one step under torch.profiler on rank 0; classify the CUDA kernels by time."""
+def profile_kernels(run_step, top: int = 0) -> dict:
+    """Run one step under torch.profiler on rank 0; classify the CUDA kernels by time (and list the
+    ``top`` longest kernels, with their call counts, to compare two modes kernel by kernel)."""
     from torch.profiler import ProfilerActivity, profile
 
     if not rank0() or DEV != "cuda":
         run_step()
         return {}
+    sync()
+    t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         run_step()
-    cats = {"attention": 0.0, "all_to_all": 0.0, "other_comm": 0.0, "gemm": 0.0, "other": 0.0}
+        sync()
+    wall_ms = (time.perf_counter() - t0) * 1e3
+    cats = {"attention": 0.0, "all_to_all": 0.0, "other_comm": 0.0, "gemm": 0.0, "memcpy": 0.0, "other": 0.0}
     attn_names: dict[str, float] = {}
+    kernels_by_time = []
     for ev in prof.key_averages():
         t = getattr(ev, "self_device_time_total", None)
         if t is None:
@@ -352,6 +358,8 @@ def profile_kernels(run_step) -> dict:
         low = name.lower()
         if "nccl" in low:
             cat = "all_to_all" if "alltoall" in low or "sendrecv" in low else "other_comm"
+        elif "memcpy" in low or "memset" in low:
+            cat = "memcpy"
         elif any(s in low for s in ("flash", "fmha", "sdpa", "attention", "attn", "cudnn")) and "gemm" not in low:
             cat = "attention"
             attn_names[name[:120]] = attn_names.get(name[:120], 0.0) + t
@@ -360,12 +368,20 @@ def profile_kernels(run_step) -> dict:
         else:
             cat = "other"
         cats[cat] += t
-    total = sum(cats.values()) or 1.0
-    top = sorted(attn_names.items(), key=lambda kv: -kv[1])[:4]
-    return {
-        "kernel_time_share": {k: round(v / total, 4) for k, v in cats.items()},
-        "attention_kernels": [n for n, _ in top],
+        kernels_by_time.append((t, ev.count, cat, name[:100]))
+    compute = sum(v for k, v in cats.items() if k != "memcpy") or 1.0
+    top_attn = sorted(attn_names.items(), key=lambda kv: -kv[1])[:4]
+    result = {
+        # shares of the kernel time on the compute side (copies run on a side stream, listed apart)
+        "kernel_time_share": {k: round(v / compute, 4) for k, v in cats.items()},
+        "attention_kernels": [n for n, _ in top_attn],
     }
+    if top:
+        result["profiled_step_ms"] = round(wall_ms, 1)
+        result["kernel_ms"] = {k: round(v / 1e3, 1) for k, v in cats.items()}
+        result["top_kernels"] = [[round(t / 1e3, 1), n, cat, name]
+                                 for t, n, cat, name in sorted(kernels_by_time, reverse=True)[:top]]
+    return result
 
 
 def describe_loss_path(mode_name: str, model, args) -> str:
@@ -493,7 +509,7 @@ def run_config(mode_name: str, seq: int, args, sp, state: dict) -> dict:
         times.append((t1 - t0) * 1e3)
     peak = torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else 0.0
     reserved = torch.cuda.max_memory_reserved() / 2**30 if DEV == "cuda" else 0.0
-    prof = profile_kernels(step) if args.profile else {}
+    prof = profile_kernels(step, args.profile_top) if args.profile else {}
     used = sorted({n for n, _ in kernels._logged}) if mode_name == "ulysses" else []
     loss_path = describe_loss_path(mode_name, model, args)
 
@@ -636,6 +652,8 @@ def main() -> int:
                     help="each implementation's memory savings (see the module docstring)")
     ap.add_argument("--kernel", default=None, help="force the ulysses inner kernel (ulysses_attn.set_kernel)")
     ap.add_argument("--no-profile", dest="profile", action="store_false")
+    ap.add_argument("--profile-top", type=int, default=0,
+                    help="also record the N longest CUDA kernels of the profiled step (ms, calls)")
     ap.add_argument("--min-gpu-gib", type=float, default=0, help="skip every configuration on smaller GPUs")
     ap.add_argument("--json", default=None, help="write the results here (rank 0)")
     args = ap.parse_args()
