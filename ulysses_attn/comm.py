@@ -116,3 +116,11 @@ def chunk_count(rows: int, chunk: int, device: torch.device) -> int:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         count = int(t.item())
     return count
+
+
+def split_chunks(x: torch.Tensor, count: int, dim: int = 0) -> tuple[torch.Tensor, ...]:
+    """``x.tensor_split(count, dim)`` (the same sizes) as one ``split``: its backward concatenates
+    the chunks' gradients once, where ``tensor_split``'s slices each build a zero-filled gradient
+    of the whole of ``x`` and add them up -- ``count`` full-size fills and adds per call."""
+    rows, extra = divmod(x.shape[dim], count)
+    return x.split([rows + (i < extra) for i in range(count)], dim)

@@ -29,15 +29,16 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         total = hidden.new_zeros((), dtype=acc)
         grad_chunks = grad_hidden.tensor_split(chunks) if grad_hidden is not None else [None] * chunks
         for h, y, gh in zip(hidden.tensor_split(chunks), targets.tensor_split(chunks), grad_chunks):
-            logits = (h @ weight.t()).to(acc)
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            logp = (h @ weight.t()).to(acc).log_softmax(-1)
+            target_logp = logp.gather(1, y[:, None]).squeeze(1)
+            total -= target_logp.sum()
             if grad_hidden is None and grad_weight is None:
                 continue
-            probs = logits.sub_(lse[:, None]).exp_()  # d(sum CE)/d logits = softmax - one-hot
-            probs[torch.arange(len(y), device=y.device), y] -= 1
-            g = probs.to(hidden.dtype)
-            del logits, probs
+            # d(sum CE)/d logits = softmax - one-hot, written straight in the input dtype; the
+            # target entries are corrected from fp32 (p - 1 loses p's digits once p is rounded)
+            g = torch.exp(logp, out=logp if logp.dtype == hidden.dtype else torch.empty_like(logp, dtype=hidden.dtype))
+            del logp
+            g[torch.arange(len(y), device=y.device), y] = (target_logp.exp() - 1).to(g.dtype)
             if gh is not None:
                 torch.mm(g, weight, out=gh)
             if grad_weight is not None:

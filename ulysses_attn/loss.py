@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .comm import all_reduce_sum, chunk_count
+from .comm import all_reduce_sum, chunk_count, split_chunks
 from .fused_cross_entropy import linear_cross_entropy_sum
 from .groups import SequenceParallel, get_sequence_parallel
 
@@ -157,6 +157,6 @@ def chunked_causal_lm_loss(
         return _mean_over_group(local_sum, shift_labels, num_items_in_batch, ignore_index, sp)
     local_sum = sum(
         checkpoint(chunk_loss, h, y, use_reentrant=False)
-        for h, y in zip(hidden.tensor_split(count), targets.tensor_split(count))
+        for h, y in zip(split_chunks(hidden, count), targets.tensor_split(count))
     )
     return _mean_over_group(local_sum, shift_labels, num_items_in_batch, ignore_index, sp)

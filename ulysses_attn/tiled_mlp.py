@@ -20,7 +20,7 @@ import functools
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .comm import chunk_count
+from .comm import chunk_count, split_chunks
 from .compat import decoder_layers
 
 __all__ = ["tile_mlp", "default_mlp_chunk_tokens"]
@@ -97,7 +97,7 @@ def _tiled_forward(tiling: _Tiling, forward, hidden_states: torch.Tensor, *args,
     count = tiling.count_for(hidden_states)
     if count == 1:
         return forward(hidden_states)
-    chunks = hidden_states.tensor_split(count, dim=-2)
+    chunks = split_chunks(hidden_states, count, dim=-2)
     if torch.is_grad_enabled():
         outputs = [checkpoint(forward, c, use_reentrant=False) for c in chunks]
     else:
