@@ -16,6 +16,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 
+LONG_SEQUENCE_MODES = {"ulysses": "ulysses_attn long_sequence",
+                       "ulysses+selective": "ulysses_attn long_sequence + selective",
+                       "alst": "ALST TiledMLP + TiledFusedLogitsLoss + offload"}
+
 FIGURES = {
     "sp2_1b": dict(
         title="Llama-3.2-1B shape, P = 2 (SP) vs no SP",
@@ -25,10 +29,14 @@ FIGURES = {
     ),
     "long_sequence_1b": dict(
         title="Llama-3.2-1B shape, one GPU, long-sequence memory features",
-        files=["2026-11-28_h200_1b_p1_long_sequence_256k.json",
-               "2026-11-28_h200_1b_p1_long_sequence_selective_64k-128k.json"],
-        modes={"ulysses": "ulysses_attn long_sequence", "ulysses+selective": "ulysses_attn long_sequence + selective",
-               "alst": "ALST TiledMLP + TiledFusedLogitsLoss + offload"},
+        files=["2026-11-29_h200_1b_p1_long_sequence_split_64k-128k.json",
+               "2026-11-29_h200_1b_p1_long_sequence_split_256k.json"],
+        modes=LONG_SEQUENCE_MODES,
+    ),
+    "long_sequence_8b": dict(
+        title="Llama-3.1-8B shape, one GPU, long-sequence memory features",
+        files=["2026-11-29_h200_8b_p1_long_sequence_32k-64k.json"],
+        modes=LONG_SEQUENCE_MODES,
     ),
 }
 
