@@ -50,15 +50,15 @@ def _parity_worker(rank, world, model_name):
     return {kind: _parity_case(world, model_name, kind) for kind in KINDS}
 
 
-def _parity_case(world, model_name, kind):
+def _parity_case(world, model_name, kind, **overrides):
     sp = ulysses_attn.get_sequence_parallel()
     # use_cache=False: with a cache, transformers' own masks ignore packed position_ids
     batch = {**make_batch(kind), "use_cache": False}
-    ref = build(model_name, REFERENCE_ATTN[model_name])
+    ref = build(model_name, REFERENCE_ATTN[model_name], **overrides)
     ref_out = ref(**batch)
     ref_out.loss.backward()
 
-    model = build(model_name, "ulysses_flash")
+    model = build(model_name, "ulysses_flash", **overrides)
     model.loss_function = causal_lm_loss
     seen = []
     for layer in model.model.layers:
@@ -90,6 +90,39 @@ def test_forward_backward_parity(model_name, world):
     results = run_distributed(_parity_worker, world, model_name)
     for kind in KINDS:
         _check(kind, world, [r[kind] for r in results])
+
+
+def _padded_heads_worker(rank, world, model_name, heads, kv_heads):
+    import ulysses_attn.attention as attention
+
+    ulysses_attn.init_sequence_parallel(world)
+    kernel_heads = []
+    attend = attention.attend
+
+    def counting_attend(q, k, v, *args, **kwargs):  # [B, S, heads on this rank, D]
+        kernel_heads.append((q.shape[2], k.shape[2]))
+        return attend(q, k, v, *args, **kwargs)
+
+    attention.attend = counting_attend
+    try:
+        results = {kind: _parity_case(world, model_name, kind, num_attention_heads=heads, num_key_value_heads=kv_heads)
+                   for kind in KINDS}
+    finally:
+        attention.attend = attend
+    return results, sorted(set(kernel_heads))
+
+
+@pytest.mark.parametrize("model_name,world,heads,kv_heads", [("llama", 4, 6, 2), ("qwen2", 2, 3, 1)])
+def test_forward_backward_parity_with_padded_heads(model_name, world, heads, kv_heads):
+    """Query heads that P does not divide (6 over 4, 3 over 2) are padded with zero heads: same
+    logits, loss and gradients as the model without SP, and each rank's kernel ran (H + pad) / P
+    query heads with as many KV heads (expanded to one per query head)."""
+    results = run_distributed(_padded_heads_worker, world, model_name, heads, kv_heads)
+    per_rank = -(-heads // world)
+    for parity, kernel_heads in results:
+        assert kernel_heads == [(per_rank, per_rank)]
+    for kind in KINDS:
+        _check(kind, world, [r[0][kind] for r in results])
 
 
 def _check(kind, world, results):

@@ -14,7 +14,7 @@ import ulysses_attn
 from distributed import run_distributed
 from tiny_models import CONFIGS, REFERENCE_ATTN, VOCAB, build
 from ulysses_attn import SequenceParallel, UlyssesCollator, UlyssesSampler, kernels, shard_batch
-from ulysses_attn.attention import check_heads, kv_replication
+from ulysses_attn.attention import check_heads, head_padding, kv_replication
 from ulysses_attn.comm import all_gather_seq, all_reduce_sum, gather_heads_scatter_seq, gather_seq_scatter_heads
 from ulysses_attn.kernels import Layout, layout_from_positions
 
@@ -166,11 +166,20 @@ def test_kv_replication_keeps_each_query_with_its_kv_head():
     assert checked > 300
 
 
-@pytest.mark.parametrize("heads,kv,sp,ok", [(6, 2, 4, "[1, 2, 3, 6]"), (28, 4, 8, "[1, 2, 4, 7, 14, 28]")])
-def test_check_heads_lists_sizes_that_work(heads, kv, sp, ok):
-    with pytest.raises(ValueError) as info:
-        check_heads(heads, kv, sp)
-    assert f"{heads} query heads" in str(info.value) and ok in str(info.value)
+@pytest.mark.parametrize("heads,sp,pad", [(6, 4, 2), (28, 8, 4), (28, 4, 0), (3, 2, 1), (12, 8, 4), (32, 8, 0)])
+def test_head_padding_makes_heads_split_over_sp(heads, sp, pad):
+    assert head_padding(heads, sp) == pad and (heads + pad) % sp == 0
+
+
+def test_head_padding_warns_once_with_the_sizes_that_need_none(caplog):
+    from ulysses_attn.attention import _warn_head_padding
+
+    with caplog.at_level("WARNING", logger="ulysses_attn.attention"):
+        _warn_head_padding(28, 4, 8)
+        _warn_head_padding(28, 4, 8)
+    assert len(caplog.records) == 1
+    msg = caplog.records[0].getMessage()
+    assert "28 query heads" in msg and "padding to 32 heads" in msg and "[1, 2, 4, 7, 14, 28]" in msg, msg
 
 
 # ================================================================================================

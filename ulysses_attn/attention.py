@@ -7,6 +7,9 @@ Per layer, with an SP group of size P (shapes in the HF layout ``[B, heads, seq,
     v  "                                                   "    /
     out [B, H/P, S, D] --all-to-all--> [B, H, S/P, D] -> returned as [B, S/P, H, D]
 
+When P does not divide H, zero heads pad q (and k/v, expanded to one KV head per query head) to a
+multiple of P and are cut off the output (:func:`head_padding`).
+
 Which tokens attend to which (documents of a packed row, padding) is computed once per forward
 from the *global* ``position_ids`` (gathered over the group) or from ``cu_seq_lens_q`` when the
 caller gives them, and cached for the remaining layers. Without an SP group (or P = 1) the same
@@ -15,28 +18,55 @@ code runs without communication, as a plain attention backend.
 
 from __future__ import annotations
 
+import logging
 import math
 import weakref
 
 import torch
+import torch.nn.functional as F
+
 from .comm import all_gather_seq, gather_heads_scatter_seq, gather_seq_scatter_heads
 from .groups import get_sequence_parallel
 from .kernels import Layout, attend, layout_from_positions
 
-__all__ = ["ulysses_flash_attention", "ulysses_flash_mask", "kv_replication", "check_heads"]
+__all__ = ["ulysses_flash_attention", "ulysses_flash_mask", "kv_replication", "check_heads", "head_padding"]
+
+logger = logging.getLogger(__name__)
 
 
 def check_heads(num_heads: int, num_kv_heads: int, sp_size: int) -> None:
-    """Raise a helpful error when ``num_heads`` cannot be split over ``sp_size`` ranks."""
-    if num_heads % sp_size != 0:
-        ok = [p for p in range(1, num_heads + 1) if num_heads % p == 0]
-        raise ValueError(
-            f"Ulysses sequence parallelism splits attention heads over the group: the model has {num_heads} "
-            f"query heads, which the sequence-parallel size {sp_size} does not divide. "
-            f"Use a sequence-parallel size in {ok} (it must also divide the world size)."
-        )
+    """Raise a helpful error for head counts no SP size can work with (GQA needs ``num_heads`` to
+    be a multiple of ``num_kv_heads``). ``num_heads`` not divisible by ``sp_size`` is handled by
+    :func:`head_padding`."""
     if num_heads % num_kv_heads != 0:
         raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_key_value_heads ({num_kv_heads}).")
+
+
+def head_padding(num_heads: int, sp_size: int) -> int:
+    """Zero query heads added so that ``num_heads`` splits over ``sp_size`` ranks (0 when it does).
+
+    With padding, the KV heads are first expanded to one per query head (each padded head then
+    pairs with a padded KV head), so the group pays ``(H + pad) / H`` of the attention compute and
+    sends ``H + pad`` instead of ``Hkv`` KV heads through each all-to-all. The padded heads attend
+    to zeros, their outputs are dropped, and they get no gradient: the result is exact.
+    """
+    return -num_heads % sp_size
+
+
+_warned_padding: set[tuple[int, int, int]] = set()
+
+
+def _warn_head_padding(num_heads: int, num_kv_heads: int, sp_size: int) -> None:
+    if (num_heads, num_kv_heads, sp_size) in _warned_padding:
+        return
+    _warned_padding.add((num_heads, num_kv_heads, sp_size))
+    pad = head_padding(num_heads, sp_size)
+    even = [p for p in range(1, num_heads + 1) if num_heads % p == 0]
+    logger.warning(
+        "ulysses_flash: %d query heads do not split over SP size %d; padding to %d heads (%.0f%% more "
+        "attention compute) and sending the %d KV heads as %d through the all-to-all. SP sizes that "
+        "need no padding: %s.", num_heads, sp_size, num_heads + pad, 100 * pad / num_heads, num_kv_heads,
+        num_heads + pad, even)
 
 
 def kv_replication(num_heads: int, num_kv_heads: int, sp_size: int) -> int:
@@ -222,16 +252,30 @@ def ulysses_flash_attention(
             sp, position_ids, attention_mask, cu_seq_lens_q, max_length_q, batch, seq_local, (heads, kv_heads), causal
         ),
     )
-    rep = kv_replication(heads, kv_heads, sp.size)
-    if rep > 1:
-        key = key.repeat_interleave(rep, dim=1)
-        value = value.repeat_interleave(rep, dim=1)
+    pad = head_padding(heads, sp.size)
+    if pad:
+        _warn_head_padding(heads, kv_heads, sp.size)
+        query, key, value = _pad_heads(query, key, value, pad)
+    else:
+        rep = kv_replication(heads, kv_heads, sp.size)
+        if rep > 1:
+            key = key.repeat_interleave(rep, dim=1)
+            value = value.repeat_interleave(rep, dim=1)
     q = gather_seq_scatter_heads(query, sp.group)
     k = gather_seq_scatter_heads(key, sp.group)
     v = gather_seq_scatter_heads(value, sp.group)
     out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layout, **opts)  # [B, S, H/P, D]
     out = gather_heads_scatter_seq(out.transpose(1, 2), sp.group)  # [B, H, S/P, D]
-    return out.transpose(1, 2), None
+    return out[:, :heads].transpose(1, 2), None
+
+
+def _pad_heads(query, key, value, pad: int):
+    """One KV head per query head, then ``pad`` zero heads on all three (see :func:`head_padding`)."""
+    group = query.shape[1] // key.shape[1]
+    if group > 1:
+        key = key.repeat_interleave(group, dim=1)
+        value = value.repeat_interleave(group, dim=1)
+    return tuple(F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (query, key, value))
 
 
 def ulysses_flash_mask(
