@@ -265,6 +265,8 @@ def model_config(name: str):
         return Qwen2Config(**common)
     if name == "qwen2_swa":  # layers 2 and 3 use a sliding window shorter than the sequence
         return Qwen2Config(**common, use_sliding_window=True, sliding_window=SEQ // 5, max_window_layers=2)
+    if name == "qwen2_5heads":  # 5 query heads, 1 KV head: padded to 6 heads at P = 2, 8 at P = 4
+        return Qwen2Config(**{**common, "num_attention_heads": 5, "num_key_value_heads": 1}, head_dim=32)
     raise ValueError(name)
 
 
@@ -380,7 +382,7 @@ def check_models(args) -> None:
     P = ulysses_attn.get_sequence_parallel().size
     dev = device()
     names = ulysses_attn.available_kernels(dev)
-    for name in ("llama", "qwen2", "qwen2_swa"):
+    for name in ("llama", "qwen2", "qwen2_swa", "qwen2_5heads"):
         for kind in ("plain", "packed"):
             batch = make_batch(kind)
             window = model_config(name).sliding_window if name == "qwen2_swa" else None
