@@ -84,6 +84,13 @@ class LongestSequenceSeen(TrainerCallback):
         self.mlp_rows = max(self.mlp_rows, output[..., 0].numel())
 
 
+def selective_layers(model) -> int:
+    """Decoder layers whose checkpoint keeps the attention outputs (``--selective-checkpointing``)."""
+    layers = model.model.layers if hasattr(model, "model") else []
+    return sum(bool(getattr(getattr(layer, "_gradient_checkpointing_func", None), "_ulysses_keep", False))
+               for layer in layers)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--output_dir", required=True)
@@ -153,6 +160,7 @@ def main():
             json.dump({"log_history": trainer.state.log_history, "longest_sequence_seen": seen.longest,
                        "lm_head_rows_max": seen.head_rows, "mlp_rows_max": seen.mlp_rows,
                        "activation_checkpointing": trainer.model.is_activation_checkpointing,
+                       "selective_checkpointing_layers": selective_layers(trainer.model),
                        "world_size": training_args.world_size}, f, indent=1)
 
 

@@ -84,11 +84,26 @@ def test_zero3_resume_equals_uninterrupted(tmp_path):
     assert diff["weights"] < RTOL_WEIGHTS
 
 
+LONG_SEQUENCE_ENV = {"ULYSSES_LOSS_CHUNK_TOKENS": "48", "ULYSSES_MLP_CHUNK_TOKENS": "40",
+                     "ULYSSES_OFFLOAD_MIN_BYTES": "4096"}
+
+
 def test_zero3_long_sequence_sp2_times_dp2_equals_ddp2(tmp_path, baselines):
     # chunked loss, tiled MLP (chunk counts agreed over the world: ZeRO-3 gathers per module call)
-    env = {"ULYSSES_LOSS_CHUNK_TOKENS": "48", "ULYSSES_MLP_CHUNK_TOKENS": "40", "ULYSSES_OFFLOAD_MIN_BYTES": "4096"}
+    env = LONG_SEQUENCE_ENV
     sp_run = run_example(tmp_path / "sp", nproc=4, sp="config", deepspeed_config=Z3,
                          extra=["--eval", "--record_head_rows"], launch_flags=["--long-sequence"], env=env)
     assert_same(sp_run, baselines("ddp2", nproc=2, extra=["--eval"]), 2)
     assert sp_run[0]["activation_checkpointing"] and 0 < sp_run[0]["lm_head_rows_max"] <= 48
     assert sp_run[0]["mlp_rows_max"] <= 2 * 40
+
+
+def test_zero3_refuses_selective_checkpointing_with_a_clear_error(tmp_path):
+    """ZeRO-3's parameter gathers inside the checkpointed layers differ between forward and recompute,
+    which PyTorch's selective checkpointing rejects mid-backward; both ranks stop at the first forward
+    with a message that says what to use instead (no hang)."""
+    with pytest.raises(RuntimeError) as info:
+        run_example(tmp_path / "sp", nproc=2, sp="config", deepspeed_config=Z3,
+                    launch_flags=["--long-sequence", "--selective-checkpointing"], env=LONG_SEQUENCE_ENV)
+    assert "selective checkpointing does not work under DeepSpeed ZeRO-3" in str(info.value)
+    assert "Use full checkpointing" in str(info.value)

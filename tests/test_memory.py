@@ -194,6 +194,7 @@ def test_launcher_long_sequence_and_selective_switches_sp2_equal_plain(tmp_path,
     diff = compare(sp, ref)
     assert diff["same_length"] and max(diff["logged"].values()) < 1e-5 and diff["weights"] < 5e-5, diff
     assert sp[0]["activation_checkpointing"] and not ref[0]["activation_checkpointing"]
+    assert sp[0]["selective_checkpointing_layers"] == 2 and ref[0]["selective_checkpointing_layers"] == 0
     assert ref[0]["lm_head_rows_max"] > 48 >= sp[0]["lm_head_rows_max"] > 0  # the hooked head was called
     assert ref[0]["mlp_rows_max"] > 2 * 40 >= sp[0]["mlp_rows_max"]
     assert sp[0]["longest_sequence_seen"] <= ref[0]["longest_sequence_seen"] // 2

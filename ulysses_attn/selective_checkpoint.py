@@ -9,6 +9,10 @@ everything else, so the backward skips the second attention forward.
 
 It needs non-reentrant checkpointing (the transformers default). The kept outputs stay on the
 device (they are not offloaded): about ``layers x hidden x 2`` bytes per token more.
+
+Not under DeepSpeed ZeRO-3: its parameter gathers run inside the checkpointed layers and the
+recompute's gathers differ from the forward's (a parameter may already be there), which PyTorch's
+selective checkpointing rejects ("... encountered during backward but not found in storage").
 """
 
 from __future__ import annotations
@@ -49,6 +53,14 @@ def keep_attention_outputs(model: torch.nn.Module) -> int:
 
 def keep_attention_outputs_of(layers) -> int:
     """:func:`keep_attention_outputs` for given decoder layers; layers already changed are skipped."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        raise NotImplementedError(
+            "selective checkpointing does not work under DeepSpeed ZeRO-3: ZeRO-3 gathers parameters "
+            "inside the checkpointed layers, differently in the recompute than in the forward, and PyTorch's "
+            "selective checkpointing requires the same operations. Use full checkpointing (long_sequence "
+            "without selective_checkpointing / --selective-checkpointing) under ZeRO-3, or ZeRO-2.")
     changed = 0
     for layer in layers:
         func = getattr(layer, "_gradient_checkpointing_func", None)
