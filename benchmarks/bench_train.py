@@ -719,6 +719,10 @@ def main() -> int:
             if engine is not None:  # frees ZeRO-3's partitions and hooks
                 engine.destroy()
             engine = None
+            if args.zero == 3:  # else the next model would be built under zero.Init (other init values)
+                from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+                unset_hf_deepspeed_config()
             gc.collect()
             if DEV == "cuda":
                 torch.cuda.empty_cache()
