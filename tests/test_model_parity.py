@@ -112,15 +112,16 @@ def _padded_heads_worker(rank, world, model_name, heads, kv_heads):
     return results, sorted(set(kernel_heads))
 
 
-@pytest.mark.parametrize("model_name,world,heads,kv_heads", [("llama", 4, 6, 2), ("qwen2", 2, 3, 1)])
-def test_forward_backward_parity_with_padded_heads(model_name, world, heads, kv_heads):
-    """Query heads that P does not divide (6 over 4, 3 over 2) are padded with zero heads: same
-    logits, loss and gradients as the model without SP, and each rank's kernel ran (H + pad) / P
-    query heads with as many KV heads (expanded to one per query head)."""
+@pytest.mark.parametrize("model_name,world,heads,kv_heads,per_rank", [
+    ("llama", 4, 6, 2, (2, 1)),  # each KV group padded 3 -> 4: 8 q heads, 2 KV heads replicated to 4
+    ("qwen2", 2, 15, 3, (8, 8)),  # group padding would need 18 heads: KV expanded to 15, all padded to 16
+])
+def test_forward_backward_parity_with_padded_heads(model_name, world, heads, kv_heads, per_rank):
+    """Query heads that P does not divide are padded with zero heads: same logits, loss and
+    gradients as the model without SP, and each rank's kernel ran the padded (q, kv) heads."""
     results = run_distributed(_padded_heads_worker, world, model_name, heads, kv_heads)
-    per_rank = -(-heads // world)
     for parity, kernel_heads in results:
-        assert kernel_heads == [(per_rank, per_rank)]
+        assert kernel_heads == [per_rank]
     for kind in KINDS:
         _check(kind, world, [r[0][kind] for r in results])
 

@@ -14,7 +14,7 @@ import ulysses_attn
 from distributed import run_distributed
 from tiny_models import CONFIGS, REFERENCE_ATTN, VOCAB, build
 from ulysses_attn import SequenceParallel, UlyssesCollator, UlyssesSampler, kernels, shard_batch
-from ulysses_attn.attention import check_heads, head_padding, kv_replication
+from ulysses_attn.attention import check_heads, kv_replication, padded_heads
 from ulysses_attn.comm import all_gather_seq, all_reduce_sum, gather_heads_scatter_seq, gather_seq_scatter_heads
 from ulysses_attn.kernels import Layout, layout_from_positions
 
@@ -166,9 +166,31 @@ def test_kv_replication_keeps_each_query_with_its_kv_head():
     assert checked > 300
 
 
-@pytest.mark.parametrize("heads,sp,pad", [(6, 4, 2), (28, 8, 4), (28, 4, 0), (3, 2, 1), (12, 8, 4), (32, 8, 0)])
-def test_head_padding_makes_heads_split_over_sp(heads, sp, pad):
-    assert head_padding(heads, sp) == pad and (heads + pad) % sp == 0
+@pytest.mark.parametrize(
+    "heads,kv_heads,sp,padded,grouped",
+    [(28, 4, 8, 32, True), (6, 2, 4, 8, True), (5, 1, 2, 6, True), (12, 2, 8, 16, True), (28, 4, 4, 28, True),
+     (15, 3, 2, 16, False), (15, 3, 4, 16, False), (32, 8, 8, 32, True)],
+)
+def test_padded_heads(heads, kv_heads, sp, padded, grouped):
+    assert padded_heads(heads, kv_heads, sp) == (padded, grouped)
+    assert padded % sp == 0 and padded >= heads
+    if grouped:  # a valid GQA shape: every rank's query heads find their KV heads locally
+        assert padded % kv_heads == 0
+        kv2 = kv_heads * kv_replication(padded, kv_heads, sp)
+        assert kv2 % sp == 0 and padded % kv2 == 0
+
+
+def test_pad_and_unpad_heads_round_trip():
+    from ulysses_attn.attention import _pad_heads, _unpad_heads
+
+    q = torch.randn(2, 5, 6, 3).transpose(1, 2)  # [B, H, S, D] as transformers passes it: not contiguous
+    k, v = torch.randn(2, 2, 5, 3), torch.randn(2, 2, 5, 3)
+    for padded, grouped in ((8, True), (8, False)):
+        pq, pk, pv = _pad_heads(q, k, v, padded, grouped)
+        assert pq.shape[1] == padded and pk.shape[1] == (2 if grouped else padded)
+        torch.testing.assert_close(_unpad_heads(pq, 6, 2, grouped), q)
+        if grouped:  # query head i of group j is still paired with KV head j
+            assert (pq.view(2, 2, 4, 5, 3)[:, :, 3] == 0).all()
 
 
 def test_head_padding_warns_once_with_the_sizes_that_need_none(caplog):
@@ -179,7 +201,8 @@ def test_head_padding_warns_once_with_the_sizes_that_need_none(caplog):
         _warn_head_padding(28, 4, 8)
     assert len(caplog.records) == 1
     msg = caplog.records[0].getMessage()
-    assert "28 query heads" in msg and "padding to 32 heads" in msg and "[1, 2, 4, 7, 14, 28]" in msg, msg
+    assert "28 query heads" in msg and "padding to 32 heads" in msg and "sending 8 KV heads" in msg, msg
+    assert "[1, 2, 4, 7, 14, 28]" in msg
 
 
 # ================================================================================================

@@ -7,8 +7,9 @@ Per layer, with an SP group of size P (shapes in the HF layout ``[B, heads, seq,
     v  "                                                   "    /
     out [B, H/P, S, D] --all-to-all--> [B, H, S/P, D] -> returned as [B, S/P, H, D]
 
-When P does not divide H, zero heads pad q (and k/v, expanded to one KV head per query head) to a
-multiple of P and are cut off the output (:func:`head_padding`).
+When P does not divide H, zero query heads pad each KV head's group (or, where that costs more,
+all heads after expanding k/v to one head per query head) to a multiple of P and are cut off the
+output (:func:`padded_heads`).
 
 Which tokens attend to which (documents of a packed row, padding) is computed once per forward
 from the *global* ``position_ids`` (gathered over the group) or from ``cu_seq_lens_q`` when the
@@ -29,7 +30,7 @@ from .comm import all_gather_seq, gather_heads_scatter_seq, gather_seq_scatter_h
 from .groups import get_sequence_parallel
 from .kernels import Layout, attend, layout_from_positions
 
-__all__ = ["ulysses_flash_attention", "ulysses_flash_mask", "kv_replication", "check_heads", "head_padding"]
+__all__ = ["ulysses_flash_attention", "ulysses_flash_mask", "kv_replication", "check_heads", "padded_heads"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,20 +38,29 @@ logger = logging.getLogger(__name__)
 def check_heads(num_heads: int, num_kv_heads: int, sp_size: int) -> None:
     """Raise a helpful error for head counts no SP size can work with (GQA needs ``num_heads`` to
     be a multiple of ``num_kv_heads``). ``num_heads`` not divisible by ``sp_size`` is handled by
-    :func:`head_padding`."""
+    :func:`padded_heads`."""
     if num_heads % num_kv_heads != 0:
         raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_key_value_heads ({num_kv_heads}).")
 
 
-def head_padding(num_heads: int, sp_size: int) -> int:
-    """Zero query heads added so that ``num_heads`` splits over ``sp_size`` ranks (0 when it does).
+def padded_heads(num_heads: int, num_kv_heads: int, sp_size: int) -> tuple[int, bool]:
+    """Query heads after zero padding so that ``sp_size`` divides them, and whether the padding
+    goes into each KV head's group (``True``) or after all heads (``False``).
 
-    With padding, the KV heads are first expanded to one per query head (each padded head then
-    pairs with a padded KV head), so the group pays ``(H + pad) / H`` of the attention compute and
-    sends ``H + pad`` instead of ``Hkv`` KV heads through each all-to-all. The padded heads attend
-    to zeros, their outputs are dropped, and they get no gradient: the result is exact.
+    Group padding (e.g. Qwen2.5-7B, 28 heads / 4 KV at P = 8: 7 -> 8 query heads per KV head, 32 in
+    all) keeps GQA: the KV heads are replicated as for any P (:func:`kv_replication`). When that
+    would need more heads than padding all of them to a multiple of P, the KV heads are instead
+    expanded to one per query head and all three are padded at the end. Either way the padded query
+    heads attend to zeros or to real keys, their outputs are dropped and they get no gradient: the
+    result is exact; the cost is ``padded / H`` of the attention compute and larger KV all-to-alls.
     """
-    return -num_heads % sp_size
+    if num_heads % sp_size == 0:
+        return num_heads, True
+    group = num_heads // num_kv_heads
+    step = sp_size // math.gcd(num_kv_heads, sp_size)  # group sizes that make Hkv * group divisible by P
+    grouped = num_kv_heads * -(-group // step) * step
+    uniform = -(-num_heads // sp_size) * sp_size
+    return (grouped, True) if grouped <= uniform else (uniform, False)
 
 
 _warned_padding: set[tuple[int, int, int]] = set()
@@ -60,13 +70,36 @@ def _warn_head_padding(num_heads: int, num_kv_heads: int, sp_size: int) -> None:
     if (num_heads, num_kv_heads, sp_size) in _warned_padding:
         return
     _warned_padding.add((num_heads, num_kv_heads, sp_size))
-    pad = head_padding(num_heads, sp_size)
+    padded, grouped = padded_heads(num_heads, num_kv_heads, sp_size)
+    kv_sent = num_kv_heads * kv_replication(padded, num_kv_heads, sp_size) if grouped else padded
     even = [p for p in range(1, num_heads + 1) if num_heads % p == 0]
     logger.warning(
         "ulysses_flash: %d query heads do not split over SP size %d; padding to %d heads (%.0f%% more "
-        "attention compute) and sending the %d KV heads as %d through the all-to-all. SP sizes that "
-        "need no padding: %s.", num_heads, sp_size, num_heads + pad, 100 * pad / num_heads, num_kv_heads,
-        num_heads + pad, even)
+        "attention compute) and sending %d KV heads through the all-to-all. SP sizes that need no "
+        "padding: %s.", num_heads, sp_size, padded, 100 * (padded - num_heads) / num_heads, kv_sent, even)
+
+
+def _pad_heads(query, key, value, padded: int, grouped: bool):
+    """Zero query heads up to ``padded`` (see :func:`padded_heads`): at the end of each KV head's
+    group, or -- after expanding k/v to one head per query head -- at the end of all three."""
+    batch, heads, seq, dim = query.shape
+    kv_heads = key.shape[1]
+    if grouped:
+        query = query.reshape(batch, kv_heads, heads // kv_heads, seq, dim)
+        query = F.pad(query, (0, 0, 0, 0, 0, padded // kv_heads - heads // kv_heads))
+        return query.reshape(batch, padded, seq, dim), key, value
+    group = heads // kv_heads
+    key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+    return tuple(F.pad(t, (0, 0, 0, 0, 0, padded - heads)) for t in (query, key, value))
+
+
+def _unpad_heads(out: torch.Tensor, heads: int, kv_heads: int, grouped: bool) -> torch.Tensor:
+    """Inverse of :func:`_pad_heads` on the attention output ``[B, padded, S, D]``."""
+    if not grouped:
+        return out[:, :heads]
+    batch, padded, seq, dim = out.shape
+    out = out.reshape(batch, kv_heads, padded // kv_heads, seq, dim)[:, :, : heads // kv_heads]
+    return out.reshape(batch, heads, seq, dim)
 
 
 def kv_replication(num_heads: int, num_kv_heads: int, sp_size: int) -> int:
@@ -252,30 +285,22 @@ def ulysses_flash_attention(
             sp, position_ids, attention_mask, cu_seq_lens_q, max_length_q, batch, seq_local, (heads, kv_heads), causal
         ),
     )
-    pad = head_padding(heads, sp.size)
-    if pad:
+    padded, grouped = padded_heads(heads, kv_heads, sp.size)
+    if padded != heads:
         _warn_head_padding(heads, kv_heads, sp.size)
-        query, key, value = _pad_heads(query, key, value, pad)
-    else:
-        rep = kv_replication(heads, kv_heads, sp.size)
-        if rep > 1:
-            key = key.repeat_interleave(rep, dim=1)
-            value = value.repeat_interleave(rep, dim=1)
+        query, key, value = _pad_heads(query, key, value, padded, grouped)
+    rep = kv_replication(padded, key.shape[1], sp.size)
+    if rep > 1:
+        key = key.repeat_interleave(rep, dim=1)
+        value = value.repeat_interleave(rep, dim=1)
     q = gather_seq_scatter_heads(query, sp.group)
     k = gather_seq_scatter_heads(key, sp.group)
     v = gather_seq_scatter_heads(value, sp.group)
     out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layout, **opts)  # [B, S, H/P, D]
     out = gather_heads_scatter_seq(out.transpose(1, 2), sp.group)  # [B, H, S/P, D]
-    return out[:, :heads].transpose(1, 2), None
-
-
-def _pad_heads(query, key, value, pad: int):
-    """One KV head per query head, then ``pad`` zero heads on all three (see :func:`head_padding`)."""
-    group = query.shape[1] // key.shape[1]
-    if group > 1:
-        key = key.repeat_interleave(group, dim=1)
-        value = value.repeat_interleave(group, dim=1)
-    return tuple(F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (query, key, value))
+    if padded != heads:
+        out = _unpad_heads(out, heads, kv_heads, grouped)
+    return out.transpose(1, 2), None
 
 
 def ulysses_flash_mask(
