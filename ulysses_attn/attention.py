@@ -70,6 +70,8 @@ def _warn_head_padding(num_heads: int, num_kv_heads: int, sp_size: int) -> None:
     if (num_heads, num_kv_heads, sp_size) in _warned_padding:
         return
     _warned_padding.add((num_heads, num_kv_heads, sp_size))
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return  # the same on every rank: said once
     padded, grouped = padded_heads(num_heads, num_kv_heads, sp_size)
     kv_sent = num_kv_heads * kv_replication(padded, num_kv_heads, sp_size) if grouped else padded
     even = [p for p in range(1, num_heads + 1) if num_heads % p == 0]
