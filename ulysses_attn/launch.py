@@ -74,5 +74,19 @@ def _shutdown() -> None:
         dist.destroy_process_group()
 
 
+def _exit_without_teardown() -> None:
+    """End a worker whose script finished: run the exit handlers (logging, trackers), flush, and
+    leave without the interpreter's teardown, in which C++ threads left by gloo or DeepSpeed can
+    still abort a successful run ("terminate called without an active exception", exit -6: seen in
+    one of five CI runs on 2026-11-29, with the process groups already destroyed)."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 if __name__ == "__main__":
     main()
+    _exit_without_teardown()
