@@ -73,10 +73,12 @@ SHAPES = {
                intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False),
     # Qwen2.5-7B (28 query heads, 4 KV heads, q/k/v bias): P = 8 pads the heads to 32
     "qwen7b": dict(arch="qwen2", hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-                   intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False, rope_theta=1000000.0),
+                   intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False, rope_theta=1000000.0,
+                   rms_norm_eps=1e-6),
     # for a quick check of the script (tiny-qwen: 6 heads, padded at P = 4)
     "tiny-qwen": dict(arch="qwen2", hidden_size=192, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
-                      intermediate_size=512, vocab_size=4096, tie_word_embeddings=False, rope_theta=1000000.0),
+                      intermediate_size=512, vocab_size=4096, tie_word_embeddings=False, rope_theta=1000000.0,
+                      rms_norm_eps=1e-6),
     "tiny": dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
                  intermediate_size=688, vocab_size=4096, tie_word_embeddings=False),
 }
@@ -173,11 +175,10 @@ def sync() -> None:
 def make_config(shape: str, seq: int):
     from transformers import LlamaConfig, Qwen2Config
 
-    spec = dict(SHAPES[shape])
+    spec = {"rms_norm_eps": 1e-5, **SHAPES[shape]}
     config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config}[spec.pop("arch", "llama")]
     theta = spec.pop("rope_theta", 500000.0)
-    cfg = config_class(**spec, max_position_embeddings=max(seq, 8192), rms_norm_eps=1e-5 if config_class is LlamaConfig else 1e-6,
-                       use_cache=False)
+    cfg = config_class(**spec, max_position_embeddings=max(seq, 8192), use_cache=False)
     cfg.rope_parameters = {"rope_type": "default", "rope_theta": theta}
     return cfg
 

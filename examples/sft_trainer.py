@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 import torch
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
@@ -85,10 +86,10 @@ class LongestSequenceSeen(TrainerCallback):
 
 
 def selective_layers(model) -> int:
-    """Decoder layers whose checkpoint keeps the attention outputs (``--selective-checkpointing``)."""
-    layers = model.model.layers if hasattr(model, "model") else []
-    return sum(bool(getattr(getattr(layer, "_gradient_checkpointing_func", None), "_ulysses_keep", False))
-               for layer in layers)
+    """Decoder layers that keep their attention outputs through the recompute (the launcher's
+    ``--selective-checkpointing``); the script itself does not import ulysses_attn."""
+    selective = sys.modules.get("ulysses_attn.selective_checkpoint")
+    return sum(map(selective.keeps_attention_outputs, model.model.layers)) if selective else 0
 
 
 def main():

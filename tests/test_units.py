@@ -197,8 +197,8 @@ def test_head_padding_warns_once_with_the_sizes_that_need_none(caplog):
     from ulysses_attn.attention import _warn_head_padding
 
     with caplog.at_level("WARNING", logger="ulysses_attn.attention"):
-        _warn_head_padding(28, 4, 8)
-        _warn_head_padding(28, 4, 8)
+        _warn_head_padding(28, 4, 8, *padded_heads(28, 4, 8))
+        _warn_head_padding(28, 4, 8, *padded_heads(28, 4, 8))
     assert len(caplog.records) == 1
     msg = caplog.records[0].getMessage()
     assert "28 query heads" in msg and "padding to 32 heads" in msg and "sending 8 KV heads" in msg, msg

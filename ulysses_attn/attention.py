@@ -66,13 +66,12 @@ def padded_heads(num_heads: int, num_kv_heads: int, sp_size: int) -> tuple[int, 
 _warned_padding: set[tuple[int, int, int]] = set()
 
 
-def _warn_head_padding(num_heads: int, num_kv_heads: int, sp_size: int) -> None:
+def _warn_head_padding(num_heads: int, num_kv_heads: int, sp_size: int, padded: int, grouped: bool) -> None:
     if (num_heads, num_kv_heads, sp_size) in _warned_padding:
         return
     _warned_padding.add((num_heads, num_kv_heads, sp_size))
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return  # the same on every rank: said once
-    padded, grouped = padded_heads(num_heads, num_kv_heads, sp_size)
     kv_sent = num_kv_heads * kv_replication(padded, num_kv_heads, sp_size) if grouped else padded
     even = [p for p in range(1, num_heads + 1) if num_heads % p == 0]
     logger.warning(
@@ -289,7 +288,7 @@ def ulysses_flash_attention(
     )
     padded, grouped = padded_heads(heads, kv_heads, sp.size)
     if padded != heads:
-        _warn_head_padding(heads, kv_heads, sp.size)
+        _warn_head_padding(heads, kv_heads, sp.size, padded, grouped)
         query, key, value = _pad_heads(query, key, value, padded, grouped)
     rep = kv_replication(padded, key.shape[1], sp.size)
     if rep > 1:

@@ -24,7 +24,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from .compat import decoder_layers
 
-__all__ = ["save_attention_policy", "keep_attention_outputs"]
+__all__ = ["save_attention_policy", "keep_attention_outputs", "keeps_attention_outputs"]
 
 # forward attention kernels as the dispatcher sees them (SDPA's flash/cuDNN/efficient/CPU-flash
 # backends, torch.nn.attention.varlen, flash-attn's registered ops)
@@ -64,7 +64,7 @@ def keep_attention_outputs_of(layers) -> int:
     changed = 0
     for layer in layers:
         func = getattr(layer, "_gradient_checkpointing_func", None)
-        if func is None or getattr(func, "_ulysses_keep", False):
+        if func is None or keeps_attention_outputs(layer):
             continue
         if getattr(func, "keywords", {}).get("use_reentrant", False):
             raise ValueError("selective checkpointing needs non-reentrant checkpointing "
@@ -74,3 +74,9 @@ def keep_attention_outputs_of(layers) -> int:
         layer._gradient_checkpointing_func = keep
         changed += 1
     return changed
+
+
+def keeps_attention_outputs(layer: torch.nn.Module) -> bool:
+    """Whether the checkpoint of a decoder ``layer`` keeps its attention outputs (changed by
+    :func:`keep_attention_outputs`)."""
+    return getattr(getattr(layer, "_gradient_checkpointing_func", None), "_ulysses_keep", False)
