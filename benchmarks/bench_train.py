@@ -11,7 +11,9 @@ Modes (each trains the same model, bf16, gradient checkpointing, AdamW, the same
 * ``alst``: DeepSpeed ALST attention (``UlyssesSPAttentionHF.register_with_transformers`` over
   ``sdpa``), the same SP groups (ranks ``[g*P, (g+1)*P)``); only its attention component, not the
   DeepSpeed engine;
-* ``sdpa``: no sequence parallelism; every GPU trains its own full-length sample (P = 1).
+* ``sdpa``: no sequence parallelism; every GPU trains its own full-length sample (P = 1);
+  ``flash_attention_2``/``_3``/``_4``: the same with that stock HF backend (to compare with
+  ``ulysses@flash_attn`` over the same FlashAttention at P = 1).
 
 Without ``--zero 3``, parameters, gradients and AdamW states are replicated on every GPU in bf16
 (torch AdamW keeps its states in the parameter dtype) and gradients are averaged over all ranks
@@ -62,6 +64,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 DEV = os.environ.get("BENCH_DEVICE", "cuda")  # "cpu": a gloo dry run of the script logic (tiny model)
+STOCK = ("sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4")  # HF backends, no SP
 FORMULA = "model TFLOP/s/GPU = (6*N_matmul*S + 6*L*S^2*H*D) / P / step_time / 1e12 (causal attention; recompute not counted)"
 
 SHAPES = {
@@ -422,9 +425,9 @@ def run_config(mode_name: str, seq: int, args, sp, state: dict) -> dict:
         ulysses_attn.set_kernel(args.kernel)
     else:
         ulysses_attn.set_kernel(None)
-    if mode_name == "sdpa":
-        mode = Mode("sdpa", 1, None)
-        attn = "sdpa"
+    if mode_name in STOCK:
+        mode = Mode(mode_name, 1, None)
+        attn = mode_name
     elif mode_name == "ulysses":
         mode = Mode("ulysses", sp.size, sp.group)
         attn = "ulysses_flash"
@@ -651,7 +654,8 @@ def main() -> int:
     ap.add_argument("--seq", default="16384", help="comma-separated global sequence lengths")
     ap.add_argument("--sp", type=int, default=0, help="SP size (default: world size)")
     ap.add_argument("--modes", default="sdpa,ulysses,alst",
-                    help="comma-separated: sdpa, ulysses, ulysses@<kernel> (forced inner kernel), alst")
+                    help="comma-separated: sdpa or flash_attention_2/3/4 (stock backend, no SP), ulysses, "
+                         "ulysses@<kernel> (forced inner kernel), ulysses+selective, alst")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--loss", choices=["tiled", "hf"], default="tiled")
@@ -682,7 +686,7 @@ def main() -> int:
     TIMER.install()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for m in modes:
-        if m.split("@")[0].split("+")[0] not in ("sdpa", "ulysses", "alst"):
+        if m.split("@")[0].split("+")[0] not in (*STOCK, "ulysses", "alst"):
             ap.error(f"unknown mode {m!r}")
     if "alst" in modes or args.zero:
         try:
@@ -695,14 +699,14 @@ def main() -> int:
             log(f"DeepSpeed ALST unavailable ({type(e).__name__}: {e}); skipping mode alst")
             modes.remove("alst")
     # ALST replaces the global "sdpa" attention for the whole process: run it last
-    modes.sort(key=lambda m: {"sdpa": 0, "ulysses": 1, "alst": 2}[m.split("@")[0].split("+")[0]])
+    modes.sort(key=lambda m: {"ulysses": 1, "alst": 2}.get(m.split("@")[0].split("+")[0], 0))
     seqs = [int(s) for s in args.seq.split(",")]
     info = env_info(args)
     log(json.dumps(info, indent=1))
     results, state = [], {}
     for mode_name in modes:
         for seq in seqs:
-            log(f"--- {mode_name} seq={seq} P={1 if mode_name == 'sdpa' else sp_size} ---")
+            log(f"--- {mode_name} seq={seq} P={1 if mode_name in STOCK else sp_size} ---")
             if args.min_gpu_gib and DEV == "cuda" and torch.cuda.get_device_properties(0).total_memory / 2**30 < args.min_gpu_gib:
                 results.append({"mode": mode_name, "seq": seq, "error": f"skipped: GPU has < {args.min_gpu_gib} GiB"})
                 log(json.dumps(results[-1]))

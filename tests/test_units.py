@@ -354,6 +354,23 @@ def test_attend_dispatch_on_cpu():
     assert not torch.allclose(kernels.attend(q, k, v, dense, window=7), kernels.attend(q, k, v, dense))
 
 
+def test_flash_module_is_told_apart_by_distribution(tmp_path, monkeypatch):
+    # flash-attn-4 installs flash_attn/cute without flash_attn/__init__.py: "import flash_attn" then
+    # finds a namespace package without flash_attn_func, which must not pass for FA2
+    (tmp_path / "flash_attn" / "cute").mkdir(parents=True)
+    (tmp_path / "flash_attn" / "cute" / "__init__.py").write_text("flash_attn_func = None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    kernels._flash_module.cache_clear()
+    try:
+        import importlib.util
+
+        assert importlib.util.find_spec("flash_attn") is not None
+        assert kernels._flash_module((9, 0)) is None  # no flash-attn / flash-attn-4 distribution
+        assert kernels.flash_version(torch.device("cpu")) is None
+    finally:
+        kernels._flash_module.cache_clear()
+
+
 # ================================================================================================
 # shard_batch
 # ================================================================================================

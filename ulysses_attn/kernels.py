@@ -8,15 +8,18 @@ Which tokens may attend to which is described by a :class:`Layout`, built once p
 * segmented: rows hold several documents (packed, ``position_ids`` restarting) and/or tokens that
   must be ignored (left padding), flattened to ``cu_seqlens`` for varlen kernels.
 
-Kernels, in order of preference on CUDA: ``flash_attn`` (FA3 ``flash_attn_interface`` / FA2
-``flash_attn``), PyTorch ``sdpa`` (flash / cuDNN backends, dense without window or softcap),
-``torch_varlen`` (``torch.nn.attention.varlen``, segmented without softcap) and ``reference``
-(exact eager math, every feature, O(S^2) memory: the CPU path and the fallback).
+Kernels, in order of preference on CUDA: ``flash_attn`` (FA3 ``flash_attn_interface``, FA4
+``flash_attn.cute`` on Hopper and newer, or FA2 ``flash_attn``; see :func:`flash_version`),
+PyTorch ``sdpa`` (flash / cuDNN backends, dense without window or softcap), ``torch_varlen``
+(``torch.nn.attention.varlen``, segmented without softcap) and ``reference`` (exact eager math,
+every feature, O(S^2) memory: the CPU path and the fallback).
 Force one with ``ULYSSES_ATTN_KERNEL=<name>`` or :func:`set_kernel`.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import importlib.util
 import inspect
 import logging
@@ -178,15 +181,45 @@ def _torch_varlen(q, k, v, layout: Layout, *, causal, scale, dropout, window, so
     return _varlen_output(out, q.shape, layout)
 
 
-def _flash_module():
-    for name in ("flash_attn_interface", "flash_attn"):  # FA3 first, then FA2
-        if importlib.util.find_spec(name) is not None:
-            return importlib.import_module(name)
+def _installed(distribution: str) -> bool:
+    try:
+        importlib.metadata.version(distribution)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def _flash_module(capability: tuple[int, int]):
+    """The FlashAttention module to use on a GPU of this compute capability: FA3
+    (``flash_attn_interface``), FA4 (``flash_attn.cute``, Hopper and newer), then FA2 (``flash_attn``).
+
+    The packages are told apart by their distributions: ``flash-attn-4`` installs ``flash_attn/cute``
+    without ``flash_attn/__init__.py``, so ``import flash_attn`` alone succeeds without FA2."""
+    candidates = (
+        ("flash_attn_interface", importlib.util.find_spec("flash_attn_interface") is not None),
+        ("flash_attn.cute", capability[0] >= 9 and _installed("flash-attn-4")),
+        ("flash_attn", _installed("flash-attn")),
+    )
+    for name, present in candidates:
+        if present:
+            try:
+                return importlib.import_module(name)
+            except ImportError as e:  # installed but broken (e.g. a missing CUDA library): say so, go on
+                logger.warning("ulysses_flash: %s is installed but does not import (%s); not using it.", name, e)
     return None
 
 
+def flash_version(device: torch.device) -> str | None:
+    """``"fa2"``, ``"fa3"``, ``"fa4"`` or ``None``: the FlashAttention the ``flash_attn`` kernel calls."""
+    if device.type != "cuda":
+        return None
+    fa = _flash_module(torch.cuda.get_device_capability(device))
+    return None if fa is None else {"flash_attn_interface": "fa3", "flash_attn.cute": "fa4"}.get(fa.__name__, "fa2")
+
+
 def _flash_attn(q, k, v, layout: Layout, *, causal, scale, dropout, window, softcap):
-    fa = _flash_module()
+    fa = _flash_module(torch.cuda.get_device_capability(q.device))
     kwargs = {"softmax_scale": scale, "causal": causal}
     if window:
         kwargs["window_size"] = (window - 1, 0 if causal else window - 1)
@@ -194,14 +227,16 @@ def _flash_attn(q, k, v, layout: Layout, *, causal, scale, dropout, window, soft
         kwargs["softcap"] = softcap
     if dropout:
         if fa.__name__ != "flash_attn":
-            raise NotImplementedError("FlashAttention-3 has no attention dropout; set attention_dropout=0.")
+            raise NotImplementedError("FlashAttention-3/4 have no attention dropout; set attention_dropout=0.")
         kwargs["dropout_p"] = dropout
     if layout.dense:
         out = fa.flash_attn_func(q, k, v, **kwargs)
     else:
         qf, kf, vf = _varlen_inputs(q, k, v, layout)
         cu, m = layout.cu_seqlens, layout.max_seqlen
-        out = fa.flash_attn_varlen_func(qf, kf, vf, cu, cu, m, m, **kwargs)
+        # by keyword: FA4 takes ``qv`` where FA2/FA3 take ``cu_seqlens_q``
+        out = fa.flash_attn_varlen_func(qf, kf, vf, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=m,
+                                        max_seqlen_k=m, **kwargs)
         out = _varlen_output(out[0] if isinstance(out, tuple) else out, q.shape, layout)
     return out[0] if isinstance(out, tuple) else out
 
@@ -221,7 +256,7 @@ def _has_torch_varlen(device: torch.device) -> bool:
 
 
 KERNELS: dict[str, Kernel] = {
-    "flash_attn": Kernel(_flash_attn, lambda d: d.type == "cuda" and _flash_module() is not None),
+    "flash_attn": Kernel(_flash_attn, lambda d: flash_version(d) is not None),
     "sdpa": Kernel(_sdpa, lambda d: True, dense_only=True, window=False, softcap=False),
     "torch_varlen": Kernel(_torch_varlen, _has_torch_varlen, softcap=False, dropout=False),
     "reference": Kernel(_reference, lambda d: True),
@@ -294,7 +329,8 @@ def attend(
         name = "reference"
     else:
         name = choose_kernel(q.device, layout, window, softcap, dropout)
-    key = (name, f"{q.device.type} dense={layout.dense} window={bool(window)} softcap={bool(softcap)}")
+    label = f"flash_attn/{flash_version(q.device)}" if name == "flash_attn" else name
+    key = (label, f"{q.device.type} dense={layout.dense} window={bool(window)} softcap={bool(softcap)}")
     if key not in _logged:
         _logged.add(key)
         logger.info("ulysses_flash inner attention: %s (%s)", *key)
