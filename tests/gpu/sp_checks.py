@@ -22,7 +22,8 @@
 
 Every case is recorded (``DIR/<check>-rank<r>.json``) and failures are collected rather than
 raised, so one run reports everything; the exit code is 1 when any case failed.
-``SP_CHECKS_DEVICE=cpu`` runs the same code on CPU/gloo (slow; a dry run of the script itself).
+``SP_CHECKS_KERNELS=flash_attn,sdpa`` checks only those kernels (``auto`` and the references still
+run). ``SP_CHECKS_DEVICE=cpu`` runs the same code on CPU/gloo (slow; a dry run of the script itself).
 """
 
 from __future__ import annotations
@@ -83,6 +84,12 @@ def device() -> torch.device:
     if DEVICE_TYPE == "cuda":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def selected(names: list[str]) -> list[str]:
+    """The kernels to check: all available, or those named in ``SP_CHECKS_KERNELS`` (comma-separated)."""
+    only = os.environ.get("SP_CHECKS_KERNELS")
+    return [n for n in names if n in only.split(",")] if only else names
 
 
 def exact_fp32() -> None:
@@ -146,8 +153,10 @@ def check_kernels(args) -> None:
     dev = device()
     exact_fp32()
     names = ulysses_attn.available_kernels(dev)
-    log(f"available kernels on {dev}: {names}")
+    log(f"available kernels on {dev}: {names} (flash_attn = {kernels.flash_version(dev)})")
     record("kernels", "available", "reference" in names and (DEVICE_TYPE != "cuda" or "sdpa" in names), kernels=names)
+    available = names
+    names = selected(names)
     gen = torch.Generator().manual_seed(0)
     for case, B, S, H, Hkv, D, kind, window in kernel_cases():
         layout = _make_layout(kind, B, S, dev, gen)
@@ -179,7 +188,7 @@ def check_kernels(args) -> None:
     for kind, window in (("dense", None), ("packed", None), ("dense", 256)):
         layout = _make_layout(kind, 1, 1024, dev, gen)
         chosen = kernels.choose_kernel(dev, layout, window)
-        record("kernels", f"auto/{kind}/window={window}", chosen in names, chosen=chosen)
+        record("kernels", f"auto/{kind}/window={window}", chosen in available, chosen=chosen)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -381,7 +390,7 @@ class _null:
 def check_models(args) -> None:
     P = ulysses_attn.get_sequence_parallel().size
     dev = device()
-    names = ulysses_attn.available_kernels(dev)
+    names = selected(ulysses_attn.available_kernels(dev))
     for name in ("llama", "qwen2", "qwen2_swa", "qwen2_5heads"):
         for kind in ("plain", "packed"):
             batch = make_batch(kind)
@@ -396,8 +405,7 @@ def check_models(args) -> None:
                     traceback.print_exc()
                     continue
                 if dtype == torch.bfloat16:
-                    todo = [None] + [n for n in names if n not in ("reference",)]
-                    todo.append("reference")
+                    todo = [None, *names]  # auto, then each kernel (reference last)
                 else:
                     todo = [n for n in ("reference", "sdpa") if n in names]
                 for kname in todo:
