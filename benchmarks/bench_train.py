@@ -343,6 +343,41 @@ def sync_grads(model, world: int) -> None:
             dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
 
 
+def live_at_peak(trace: list[dict], baseline: int, top: int = 25) -> dict:
+    """Replay a CUDA allocator trace (``torch.cuda.memory._snapshot()["device_traces"][i]``) and
+    group the allocations alive at its peak by the first frame in transformers / DeepSpeed /
+    ulysses_attn / this script (else the innermost frame). ``baseline``: bytes allocated before."""
+    def key(frames):
+        for f in frames:
+            if any(s in f["filename"] for s in ("transformers/", "deepspeed/", "ulysses_attn/", "benchmarks/")):
+                return f"{f['filename'].split('site-packages/')[-1]}:{f['line']} {f['name']}"
+        return f"{frames[0]['filename']}:{frames[0]['line']} {frames[0]['name']}" if frames else "?"
+
+    live, total, peak, peak_at = {}, baseline, baseline, -1
+    for i, ev in enumerate(trace):
+        if ev["action"] == "alloc":
+            live[ev["addr"]] = ev["size"]
+            total += ev["size"]
+        elif ev["action"] == "free_completed" and ev["addr"] in live:
+            total -= live.pop(ev["addr"])
+        if total > peak:
+            peak, peak_at = total, i
+    live = {}
+    for ev in trace[: peak_at + 1]:
+        if ev["action"] == "alloc":
+            live[ev["addr"]] = ev
+        elif ev["action"] == "free_completed":
+            live.pop(ev["addr"], None)
+    groups: dict[str, list] = {}
+    for ev in live.values():
+        g = groups.setdefault(key(ev.get("frames", [])), [0, 0])
+        g[0] += ev["size"]
+        g[1] += 1
+    rows = sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"peak_gib": round(peak / 2**30, 2), "baseline_gib": round(baseline / 2**30, 2),
+            "live_at_peak": [[round(b / 2**30, 3), n, k] for k, (b, n) in rows]}
+
+
 def profile_kernels(run_step, top: int = 0) -> dict:
     """Run one step under torch.profiler on rank 0; classify the CUDA kernels by time (and list the
     ``top`` longest kernels, with their call counts, to compare two modes kernel by kernel)."""
@@ -507,6 +542,9 @@ def run_config(mode_name: str, seq: int, args, sp, state: dict) -> dict:
     if DEV == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times, a2a, gsync, calls = [], [], [], 0
+    if args.memory_history and DEV == "cuda" and rank0():
+        baseline = torch.cuda.memory_allocated()
+        torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
     for _ in range(args.steps):
         dist.barrier()
         sync()
@@ -520,6 +558,13 @@ def run_config(mode_name: str, seq: int, args, sp, state: dict) -> dict:
         gsync.append(ev.ms())
         times.append((t1 - t0) * 1e3)
     peak = torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else 0.0
+    memory = {}
+    if args.memory_history and DEV == "cuda" and rank0():
+        trace = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
+        torch.cuda.memory._record_memory_history(enabled=None)
+        memory = {"memory_at_peak": live_at_peak(trace, baseline)}
+        del trace
+        log(json.dumps(memory, indent=1))
     reserved = torch.cuda.max_memory_reserved() / 2**30 if DEV == "cuda" else 0.0
     prof = profile_kernels(step, args.profile_top) if args.profile else {}
     used = sorted({n for n, _ in kernels._logged}) if mode_name == "ulysses" else []
@@ -563,6 +608,7 @@ def run_config(mode_name: str, seq: int, args, sp, state: dict) -> dict:
         "attn_flop_share": round(6 * L * seq * seq * H * D / flops, 3),
         "ulysses_kernel": used,
         **prof,
+        **memory,
     }
     model = opt = batch = full = losses = engine = None  # free before the next configuration
     gc.collect()
@@ -667,6 +713,8 @@ def main() -> int:
     ap.add_argument("--no-profile", dest="profile", action="store_false")
     ap.add_argument("--profile-top", type=int, default=0,
                     help="also record the N longest CUDA kernels of the profiled step (ms, calls)")
+    ap.add_argument("--memory-history", action="store_true",
+                    help="record the allocator during the timed steps; report what is alive at the peak, by source line")
     ap.add_argument("--min-gpu-gib", type=float, default=0, help="skip every configuration on smaller GPUs")
     ap.add_argument("--json", default=None, help="write the results here (rank 0)")
     args = ap.parse_args()
