@@ -346,12 +346,13 @@ def sync_grads(model, world: int) -> None:
 def live_at_peak(trace: list[dict], baseline: int, top: int = 25) -> dict:
     """Replay a CUDA allocator trace (``torch.cuda.memory._snapshot()["device_traces"][i]``) and
     group the allocations alive at its peak by the first frame in transformers / DeepSpeed /
-    ulysses_attn / this script (else the innermost frame). ``baseline``: bytes allocated before."""
+    ulysses_attn / this script (else the innermost frame; by block size when recorded without
+    stacks). ``baseline``: bytes allocated before."""
     def key(frames):
         for f in frames:
             if any(s in f["filename"] for s in ("transformers/", "deepspeed/", "ulysses_attn/", "benchmarks/")):
                 return f"{f['filename'].split('site-packages/')[-1]}:{f['line']} {f['name']}"
-        return f"{frames[0]['filename']}:{frames[0]['line']} {frames[0]['name']}" if frames else "?"
+        return f"{frames[0]['filename']}:{frames[0]['line']} {frames[0]['name']}" if frames else None
 
     live, total, peak, peak_at = {}, baseline, baseline, -1
     for i, ev in enumerate(trace):
@@ -370,7 +371,7 @@ def live_at_peak(trace: list[dict], baseline: int, top: int = 25) -> dict:
             live.pop(ev["addr"], None)
     groups: dict[str, list] = {}
     for ev in live.values():
-        g = groups.setdefault(key(ev.get("frames", [])), [0, 0])
+        g = groups.setdefault(key(ev.get("frames", [])) or f"{ev['size'] / 2**20:.1f} MiB blocks", [0, 0])
         g[0] += ev["size"]
         g[1] += 1
     rows = sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]
@@ -544,7 +545,8 @@ def run_config(mode_name: str, seq: int, args, sp, state: dict) -> dict:
     times, a2a, gsync, calls = [], [], [], 0
     if args.memory_history and DEV == "cuda" and rank0():
         baseline = torch.cuda.memory_allocated()
-        torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+        # without stacks: recording Python stacks broke cross_entropy in the backward (torch 2.11, ZeRO-3)
+        torch.cuda.memory._record_memory_history(max_entries=2_000_000, context=None)
     for _ in range(args.steps):
         dist.barrier()
         sync()
