@@ -21,7 +21,9 @@ with one all-reduce per parameter after the backward (plain data parallelism). `
 every mode in a DeepSpeed ZeRO-3 engine over the whole world (bf16, fp32 master weights and AdamW
 states; the model is built whole on the GPU, then partitioned by ``deepspeed.initialize``, with an
 ``HfDeepSpeedConfig`` alive so that ``is_deepspeed_zero3_enabled()`` holds as under the HF Trainer;
-ALST gets its ``mpu`` as DeepSpeed documents).
+ALST gets its ``mpu`` as DeepSpeed documents); it takes one configuration per process, because
+a destroyed engine leaves its states allocated (``allocated_before_gib`` in the results shows
+what a configuration started with).
 
 ``--long-sequence`` turns on each implementation's own memory savings for long sequences:
 ulysses: ``ulysses_attn.configure_memory(model, MemoryOptions.long_sequence())`` (chunked loss
@@ -448,6 +450,7 @@ def run_config(mode_name: str, seq: int, args, sp, state: dict) -> dict:
     from ulysses_attn import kernels
 
     world, rank = dist.get_world_size(), dist.get_rank()
+    leftover = torch.cuda.memory_allocated() / 2**30 if DEV == "cuda" else 0.0  # should be ~0: see --zero
     label = mode_name
     mode_name, _, variant = mode_name.partition("+")  # "ulysses+selective": keep attention outputs
     if variant not in ("", "selective") or (variant and not mode_name.startswith("ulysses")):
@@ -590,6 +593,7 @@ def run_config(mode_name: str, seq: int, args, sp, state: dict) -> dict:
         "zero": args.zero,
         "long_sequence": args.long_sequence,
         "offloaded_gib": round(offloaded_bytes(model, offload) / 2**30, 2),
+        "allocated_before_gib": round(leftover, 2),
         "seq": seq,
         "P": mode.P,
         "world": world,
@@ -751,6 +755,11 @@ def main() -> int:
     # ALST replaces the global "sdpa" attention for the whole process: run it last
     modes.sort(key=lambda m: {"ulysses": 1, "alst": 2}.get(m.split("@")[0].split("+")[0], 0))
     seqs = [int(s) for s in args.seq.split(",")]
+    if args.zero == 3 and len(modes) * len(seqs) > 1:
+        # measured on one H200: the second configuration of a process started with the first one's
+        # ZeRO-3 states still allocated (18 GiB of 1B states, after engine.destroy()), in its peak
+        ap.error("--zero 3 measures one configuration (one mode, one --seq) per process: a destroyed "
+                 "DeepSpeed engine leaves its memory allocated; loop over the configurations in the shell")
     info = env_info(args)
     log(json.dumps(info, indent=1))
     results, state = [], {}
