@@ -53,6 +53,7 @@ def tiny_model(arch: str, vocab_size: int, attn: str, seed: int):
 
 def save_log_history(trainer, output_dir: str) -> None:
     """Write the logged metrics of a finished run to output_dir/log_history.json (main process)."""
+    selective_layers, skipped_attention = selective_checkpointing(trainer.model)
     if trainer.is_world_process_zero():
         os.makedirs(output_dir, exist_ok=True)
         with open(os.path.join(output_dir, "log_history.json"), "w") as f:
@@ -85,11 +86,14 @@ class LongestSequenceSeen(TrainerCallback):
         self.mlp_rows = max(self.mlp_rows, output[..., 0].numel())
 
 
-def selective_layers(model) -> int:
+def selective_checkpointing(model) -> tuple[int, int]:
     """Decoder layers that keep their attention outputs through the recompute (the launcher's
-    ``--selective-checkpointing``); the script itself does not import ulysses_attn."""
+    ``--selective-checkpointing``) and the attention calls their recomputes skipped; the script
+    itself does not import ulysses_attn."""
     selective = sys.modules.get("ulysses_attn.selective_checkpoint")
-    return sum(map(selective.keeps_attention_outputs, model.model.layers)) if selective else 0
+    if selective is None:
+        return 0, 0
+    return sum(map(selective.keeps_attention_outputs, model.model.layers)), selective.replayed_attention_outputs()
 
 
 def main():
@@ -154,6 +158,7 @@ def main():
                       eval_dataset=evaluation if args.eval else None, data_collator=collator, callbacks=[seen])
     trainer.train(resume_from_checkpoint=True if args.resume else None)
     state = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # collective: gathers ZeRO-3 shards
+    selective_layers, skipped_attention = selective_checkpointing(trainer.model)
     if trainer.is_world_process_zero():
         os.makedirs(args.output_dir, exist_ok=True)
         torch.save({k: v.detach().cpu() for k, v in state.items()}, os.path.join(args.output_dir, "weights.pt"))
@@ -161,7 +166,8 @@ def main():
             json.dump({"log_history": trainer.state.log_history, "longest_sequence_seen": seen.longest,
                        "lm_head_rows_max": seen.head_rows, "mlp_rows_max": seen.mlp_rows,
                        "activation_checkpointing": trainer.model.is_activation_checkpointing,
-                       "selective_checkpointing_layers": selective_layers(trainer.model),
+                       "selective_checkpointing_layers": selective_layers,
+                       "attention_calls_not_recomputed": skipped_attention,
                        "world_size": training_args.world_size}, f, indent=1)
 
 

@@ -239,6 +239,37 @@ def test_selective_checkpointing_keeps_attention_and_equals_full_recompute():
         assert ((g - ref_grads[name]).norm() / ref_grads[name].norm()).item() < 1e-5, name
 
 
+def test_selective_checkpointing_replays_in_order_and_says_when_the_recompute_differs():
+    from torch.utils.checkpoint import checkpoint
+
+    from ulysses_attn import selective_checkpoint as sc
+
+    q = torch.randn(1, 2, 6, 4, requires_grad=True)
+    calls, seen_keeping = {"n": 0}, []
+
+    def region(x, extra_call):
+        seen_keeping.append(sc.keeping())
+        calls["n"] += 1
+        if extra_call and calls["n"] > 1:  # the recompute calls one more attention kernel than the forward
+            with torch.no_grad():
+                torch.nn.functional.scaled_dot_product_attention(x, x, x)
+        out = torch.nn.functional.scaled_dot_product_attention(x, x, x, is_causal=True)
+        return (out * x).sum()
+
+    before = sc.replayed_attention_outputs()
+    with CountAttentionKernels() as count:
+        checkpoint(region, q, False, use_reentrant=False, context_fn=sc._context).backward()
+    grad = q.grad.clone()
+    q.grad = None
+    region(q, False).backward()
+    torch.testing.assert_close(grad, q.grad)
+    assert count.calls == 1 and sc.replayed_attention_outputs() == before + 1
+    assert seen_keeping == [True, False, False]  # the forward keeps; the recompute and the plain call do not
+    calls["n"] = 0
+    with pytest.raises(RuntimeError, match="the recompute ran attention kernel #2"):
+        checkpoint(region, q, True, use_reentrant=False, context_fn=sc._context).backward()
+
+
 def _sp_memory_worker(rank, world, tied):
     import torch.distributed as dist
 

@@ -218,8 +218,19 @@ def flash_version(device: torch.device) -> str | None:
     return None if fa is None else {"flash_attn_interface": "fa3", "flash_attn.cute": "fa4"}.get(fa.__name__, "fa2")
 
 
+def _keeping_attention_outputs() -> bool:
+    from .selective_checkpoint import keeping  # selective_checkpoint imports compat, which imports this module
+
+    return keeping()
+
+
 def _flash_attn(q, k, v, layout: Layout, *, causal, scale, dropout, window, softcap):
     fa = _flash_module(torch.cuda.get_device_capability(q.device))
+    if fa.__name__ == "flash_attn.cute" and "fa4_selective" not in _warned and _keeping_attention_outputs():
+        _warned.add("fa4_selective")
+        logger.warning("selective checkpointing cannot keep FlashAttention-4's outputs (its kernels run outside the "
+                       "PyTorch dispatcher): attention is recomputed as with full checkpointing. Use "
+                       "ULYSSES_ATTN_KERNEL=sdpa to keep them, or turn selective checkpointing off.")
     kwargs = {"softmax_scale": scale, "causal": causal}
     if window:
         kwargs["window_size"] = (window - 1, 0 if causal else window - 1)
@@ -264,6 +275,7 @@ KERNELS: dict[str, Kernel] = {
 
 _forced: str | None = None
 _logged: set[tuple[str, str]] = set()
+_warned: set[str] = set()
 
 
 def set_kernel(name: str | None) -> None:

@@ -3,45 +3,98 @@
 At long sequence lengths the attention kernel is most of a decoder layer's time (60-75% of a
 Llama-1B step at 64K-128K tokens), and full checkpointing runs its forward twice. Its output is
 small by comparison: ``tokens x heads x head_dim`` (the size of the layer's hidden states) plus
-the softmax statistics. With this option each checkpointed layer keeps the kernel's outputs
-(PyTorch's selective checkpointing, ``create_selective_checkpoint_contexts``) and recomputes
-everything else, so the backward skips the second attention forward.
+the softmax statistics. With this option each checkpointed layer keeps the kernel's outputs and
+recomputes everything else, so the backward skips the second attention forward.
 
-It needs non-reentrant checkpointing (the transformers default). The kept outputs stay on the
-device (they are not offloaded): about ``layers x hidden x 2`` bytes per token more.
+How: the layer's non-reentrant checkpoint gets a ``context_fn`` whose two dispatch modes see
+only the forward attention kernels (SDPA's backends, ``torch.nn.attention.varlen``, FA2/FA3's
+registered ops): in the forward they keep the kernels' outputs, in the recompute they hand them
+back in the same order instead of running the kernels; every other op runs as usual. This is
+PyTorch's selective checkpointing (``create_selective_checkpoint_contexts``) restricted to the
+attention ops. PyTorch's own (2.13) also requires every other op of the recompute to match the
+forward's one for one, which fails under DeepSpeed ZeRO-3: its parameter gathers inside the layer
+allocate differently in the recompute ("aten.empty ... encountered during backward but not found
+in storage").
 
-Not under DeepSpeed ZeRO-3: its parameter gathers run inside the checkpointed layers and the
-recompute's gathers differ from the forward's (a parameter may already be there), which PyTorch's
-selective checkpointing rejects ("... encountered during backward but not found in storage").
+FlashAttention-4 (``flash_attn.cute``) runs outside the dispatcher: its attention is recomputed
+(as with full checkpointing), with a warning. The kept outputs stay on the device (they are not
+offloaded): about ``layers x hidden x 2`` bytes per token more.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
-from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .compat import decoder_layers
 
-__all__ = ["save_attention_policy", "keep_attention_outputs", "keeps_attention_outputs"]
+__all__ = ["is_attention_op", "keep_attention_outputs", "keeps_attention_outputs", "replayed_attention_outputs"]
+
+logger = logging.getLogger("ulysses_attn")
 
 # forward attention kernels as the dispatcher sees them (SDPA's flash/cuDNN/efficient/CPU-flash
 # backends, torch.nn.attention.varlen, flash-attn's registered ops)
 _ATTENTION_OPS = ("scaled_dot_product", "_flash_attention_forward", "_efficient_attention_forward",
                   "_cudnn_attention_forward", "varlen_attn", "flash_attn")
+_replayed = 0
 
 
-def save_attention_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    """Selective-checkpointing policy: save the outputs of forward attention kernels."""
+def is_attention_op(op) -> bool:
+    """Whether a dispatcher op is a forward attention kernel whose outputs are kept."""
     name = str(op)
-    if "backward" not in name and any(key in name for key in _ATTENTION_OPS):
-        return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
+    return "backward" not in name and any(key in name for key in _ATTENTION_OPS)
+
+
+def replayed_attention_outputs() -> int:
+    """How many attention kernel calls the recomputes of this process skipped so far."""
+    return _replayed
+
+
+class _AttentionOutputs(TorchDispatchMode):
+    """Keeps (``replay=False``) or hands back (``replay=True``) the outputs of the attention ops
+    of one checkpointed call; the two modes of a call share ``kept``."""
+
+    def __init__(self, kept: list, replay: bool):
+        super().__init__()
+        self.kept, self.replay, self.next = kept, replay, 0
+
+    def __enter__(self):
+        self.next = 0  # a second backward of the same region starts over (and fails as PyTorch's would)
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not is_attention_op(func):
+            return func(*args, **kwargs)
+        if not self.replay:
+            out = func(*args, **kwargs)
+            self.kept.append(torch.utils._pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, out))
+            return out
+        global _replayed
+        if self.next >= len(self.kept) or self.kept[self.next] is None:
+            raise RuntimeError(
+                f"selective checkpointing: the recompute ran attention kernel #{self.next + 1} ({func}) but the "
+                f"forward kept {len(self.kept)}; the checkpointed layer must call the same attention kernels "
+                "in its recompute (or it was run backward twice).")
+        out, self.kept[self.next] = self.kept[self.next], None
+        self.next += 1
+        _replayed += 1
+        return out
+
+
+def keeping() -> bool:
+    """Whether this forward runs inside a checkpointed layer that keeps its attention outputs."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    return any(isinstance(m, _AttentionOutputs) and not m.replay for m in _get_current_dispatch_mode_stack())
 
 
 def _context():
-    return create_selective_checkpoint_contexts(save_attention_policy)
+    kept: list = []
+    return _AttentionOutputs(kept, replay=False), _AttentionOutputs(kept, replay=True)
 
 
 def keep_attention_outputs(model: torch.nn.Module) -> int:
@@ -53,14 +106,6 @@ def keep_attention_outputs(model: torch.nn.Module) -> int:
 
 def keep_attention_outputs_of(layers) -> int:
     """:func:`keep_attention_outputs` for given decoder layers; layers already changed are skipped."""
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
-    if is_deepspeed_zero3_enabled():
-        raise NotImplementedError(
-            "selective checkpointing does not work under DeepSpeed ZeRO-3: ZeRO-3 gathers parameters "
-            "inside the checkpointed layers, differently in the recompute than in the forward, and PyTorch's "
-            "selective checkpointing requires the same operations. Use full checkpointing (long_sequence "
-            "without selective_checkpointing / --selective-checkpointing) under ZeRO-3, or ZeRO-2.")
     changed = 0
     for layer in layers:
         func = getattr(layer, "_gradient_checkpointing_func", None)
