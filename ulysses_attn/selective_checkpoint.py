@@ -24,16 +24,13 @@ offloaded): about ``layers x hidden x 2`` bytes per token more.
 from __future__ import annotations
 
 import functools
-import logging
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode_stack
 
 from .compat import decoder_layers
 
 __all__ = ["is_attention_op", "keep_attention_outputs", "keeps_attention_outputs", "replayed_attention_outputs"]
-
-logger = logging.getLogger("ulysses_attn")
 
 # forward attention kernels as the dispatcher sees them (SDPA's flash/cuDNN/efficient/CPU-flash
 # backends, torch.nn.attention.varlen, flash-attn's registered ops)
@@ -87,8 +84,6 @@ class _AttentionOutputs(TorchDispatchMode):
 
 def keeping() -> bool:
     """Whether this forward runs inside a checkpointed layer that keeps its attention outputs."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
-
     return any(isinstance(m, _AttentionOutputs) and not m.replay for m in _get_current_dispatch_mode_stack())
 
 
