@@ -18,7 +18,8 @@ RESULTS = ROOT / "results"
 
 LONG_SEQUENCE_MODES = {"ulysses": "ulysses_attn long_sequence",
                        "ulysses+selective": "ulysses_attn long_sequence + selective",
-                       "alst": "ALST TiledMLP + TiledFusedLogitsLoss + offload"}
+                       "alst": "ALST TiledMLP + TiledFusedLogitsLoss + offload",
+                       "ulysses@flash_attn": "ulysses_attn long_sequence, FlashAttention-4 (separate runs)"}
 
 FIGURES = {
     "sp2_1b": dict(
@@ -30,12 +31,13 @@ FIGURES = {
     "long_sequence_1b": dict(
         title="Llama-3.2-1B shape, one GPU, long-sequence memory features",
         files=["2026-11-29_h200_1b_p1_long_sequence_split_64k-128k.json",
-               "2026-11-29_h200_1b_p1_long_sequence_split_256k.json"],
+               "2026-11-29_h200_1b_p1_long_sequence_split_256k.json",
+               "2026-11-29_h200_1b_p1_fa4_long_sequence_128k.json", "2026-11-29_h200_1b_p1_fa4_long_sequence_256k.json"],
         modes=LONG_SEQUENCE_MODES,
     ),
     "long_sequence_8b": dict(
         title="Llama-3.1-8B shape, one GPU, long-sequence memory features",
-        files=["2026-11-29_h200_8b_p1_long_sequence_32k-64k.json"],
+        files=["2026-11-29_h200_8b_p1_long_sequence_32k-64k.json", "2026-11-29_h200_8b_p1_fa4_long_sequence_64k.json"],
         modes=LONG_SEQUENCE_MODES,
     ),
 }

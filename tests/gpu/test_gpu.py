@@ -1,4 +1,4 @@
-"""GPU tests: run tests/gpu/sp_checks.py on CUDA (one process, then torchrun with 2 and 4 GPUs).
+"""GPU tests: run tests/gpu/sp_checks.py on CUDA (one process, torchrun with 1, 2 and 4 GPUs).
 
 Skipped without CUDA (CPU CI) and when the machine has fewer GPUs than a test needs. On the GPU
 machine: ``pytest tests/gpu -v`` (each torchrun is one subprocess; its log is printed on failure
@@ -55,3 +55,9 @@ def test_sequence_parallel_nccl(nproc, tmp_path):
         pytest.skip(f"needs {nproc} GPUs, found {torch.cuda.device_count()}")
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), str(SCRIPT),
           "comm", "models", "memory"], tmp_path)
+
+
+def test_models_on_one_gpu(tmp_path):
+    # P = 1 under torchrun: every kernel in the real models; the one models check a 1-GPU machine runs
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", str(SCRIPT),
+          "models"], tmp_path)
