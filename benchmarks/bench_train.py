@@ -9,7 +9,7 @@ Modes (each trains the same model, bf16, gradient checkpointing, AdamW, the same
   ``ulysses+selective`` also keeps the attention outputs through the recompute
   (``MemoryOptions.selective_checkpointing``);
 * ``alst``: DeepSpeed ALST attention (``UlyssesSPAttentionHF.register_with_transformers`` over
-  ``sdpa``), the same SP groups (ranks ``[g*P, (g+1)*P)``); only its attention component, not the
+  ``--alst-attn``, default ``sdpa``; a note after the table says when ulysses ran another kernel), the same SP groups (ranks ``[g*P, (g+1)*P)``); only its attention component, not the
   DeepSpeed engine;
 * ``sdpa``: no sequence parallelism; every GPU trains its own full-length sample (P = 1);
   ``flash_attention_2``/``_3``/``_4``: the same with that stock HF backend (to compare with
@@ -66,6 +66,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 DEV = os.environ.get("BENCH_DEVICE", "cuda")  # "cpu": a gloo dry run of the script logic (tiny model)
+SAME_KERNEL = {"sdpa": "sdpa", "flash_attention_2": "flash_attn/fa2", "flash_attention_3": "flash_attn/fa3",
+               "flash_attention_4": "flash_attn/fa4"}  # ALST's core attention -> ulysses' kernel label
 STOCK = ("sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4")  # HF backends, no SP
 FORMULA = "model TFLOP/s/GPU = (6*N_matmul*S + 6*L*S^2*H*D) / P / step_time / 1e12 (causal attention; recompute not counted)"
 
@@ -471,7 +473,7 @@ def run_config(mode_name: str, seq: int, args, sp, state: dict) -> dict:
         mode = Mode("ulysses", sp.size, sp.group)
         attn = "ulysses_flash"
     elif mode_name == "alst":
-        attn = "sdpa"
+        attn = args.alst_attn
         mode = Mode("alst", sp.size, None)
     else:
         raise ValueError(mode_name)
@@ -493,7 +495,7 @@ def run_config(mode_name: str, seq: int, args, sp, state: dict) -> dict:
             from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
 
             state["mpu"] = UlyssesSPAttentionHF.register_with_transformers(
-                model_name_or_path=model, core_attn_implementation="sdpa", sequence_parallel_size=sp.size,
+                model_name_or_path=model, core_attn_implementation=args.alst_attn, sequence_parallel_size=sp.size,
                 micro_batch_size=1, seq_length_is_variable=True)
         mode.group = state["mpu"].get_sequence_parallel_group()
         assert dist.get_process_group_ranks(mode.group) == list(sp.ranks), "ALST and ulysses SP groups differ"
@@ -716,6 +718,8 @@ def main() -> int:
     ap.add_argument("--long-sequence", action="store_true",
                     help="each implementation's memory savings (see the module docstring)")
     ap.add_argument("--kernel", default=None, help="force the ulysses inner kernel (ulysses_attn.set_kernel)")
+    ap.add_argument("--alst-attn", default="sdpa", choices=sorted(SAME_KERNEL),
+                    help="ALST's core attention (with --kernel flash_attn: flash_attention_4 where FA4 is installed)")
     ap.add_argument("--no-profile", dest="profile", action="store_false")
     ap.add_argument("--profile-top", type=int, default=0,
                     help="also record the N longest CUDA kernels of the profiled step (ms, calls)")
@@ -806,6 +810,10 @@ def main() -> int:
     log(f"{info['gpu']} x{world}, torch {info['torch']}, transformers {info['transformers']}, "
         f"deepspeed {info['deepspeed']}, commit {info['git_commit'][:10]}")
     log(table(results))
+    ours = {k for r in results if r.get("mode", "").startswith("ulysses") for k in r.get("ulysses_kernel", [])}
+    if any(r.get("mode") == "alst" and "error" not in r for r in results) and ours != {SAME_KERNEL[args.alst_attn]}:
+        log(f"note: ulysses ran {sorted(ours)}, ALST {args.alst_attn}: not the same inner kernel "
+            f"(--kernel / --alst-attn pick them)")
     ulysses_attn.destroy_sequence_parallel()
     dist.destroy_process_group()
     return 0
