@@ -724,7 +724,7 @@ def main() -> int:
     ap.add_argument("--profile-top", type=int, default=0,
                     help="also record the N longest CUDA kernels of the profiled step (ms, calls)")
     ap.add_argument("--memory-history", action="store_true",
-                    help="record the allocator during the timed steps; report what is alive at the peak, by source line")
+                    help="record the allocator during the timed steps; report what is alive at the peak, by block size")
     ap.add_argument("--min-gpu-gib", type=float, default=0, help="skip every configuration on smaller GPUs")
     ap.add_argument("--json", default=None, help="write the results here (rank 0)")
     args = ap.parse_args()
