@@ -7,7 +7,8 @@ Modes (each trains the same model, bf16, gradient checkpointing, AdamW, the same
 
 * ``ulysses``: ``attn_implementation="ulysses_flash"`` (this package), SP group of ``--sp`` ranks;
   ``ulysses+selective`` also keeps the attention outputs through the recompute
-  (``MemoryOptions.selective_checkpointing``);
+  (``MemoryOptions.selective_checkpointing``), ``ulysses+selective+offload`` offloads them with the
+  checkpoints (``offload_attention_outputs``; with ``--long-sequence``);
 * ``alst``: DeepSpeed ALST attention (``UlyssesSPAttentionHF.register_with_transformers`` over
   ``--alst-attn``, default ``sdpa``; a note after the table says when ulysses ran another kernel), the same SP groups (ranks ``[g*P, (g+1)*P)``); only its attention component, not the
   DeepSpeed engine;
@@ -455,8 +456,8 @@ def run_config(mode_name: str, seq: int, args, sp, state: dict) -> dict:
     leftover = torch.cuda.memory_allocated() / 2**30 if DEV == "cuda" else 0.0  # should be ~0: see --zero
     label = mode_name
     mode_name, _, variant = mode_name.partition("+")  # "ulysses+selective": keep attention outputs
-    if variant not in ("", "selective") or (variant and not mode_name.startswith("ulysses")):
-        raise ValueError(f"unknown variant in {label!r} (only ulysses+selective)")
+    if variant not in ("", "selective", "selective+offload") or (variant and not mode_name.startswith("ulysses")):
+        raise ValueError(f"unknown variant in {label!r} (ulysses+selective, ulysses+selective+offload)")
     mode_name, _, forced = mode_name.partition("@")  # "ulysses@torch_varlen": force the inner kernel
     if forced:
         if mode_name != "ulysses":
@@ -488,7 +489,8 @@ def run_config(mode_name: str, seq: int, args, sp, state: dict) -> dict:
     elif args.long_sequence or variant:
         options = (ulysses_attn.MemoryOptions.long_sequence(chunked_loss=mode_name == "ulysses") if args.long_sequence
                    else ulysses_attn.MemoryOptions(chunked_loss=False))
-        options.selective_checkpointing = variant == "selective"
+        options.selective_checkpointing = variant.startswith("selective")
+        options.offload_attention_outputs = variant == "selective+offload"
         ulysses_attn.configure_memory(model, options)
     if mode_name == "alst" and sp.size > 1:  # at P = 1 ALST registers nothing: sdpa + its memory features
         if "mpu" not in state:
@@ -709,7 +711,7 @@ def main() -> int:
     ap.add_argument("--sp", type=int, default=0, help="SP size (default: world size)")
     ap.add_argument("--modes", default="sdpa,ulysses,alst",
                     help="comma-separated: sdpa or flash_attention_2/3/4 (stock backend, no SP), ulysses, "
-                         "ulysses@<kernel> (forced inner kernel), ulysses+selective, alst")
+                         "ulysses@<kernel> (forced inner kernel), ulysses+selective[+offload], alst")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--loss", choices=["tiled", "hf"], default="tiled")

@@ -4,6 +4,7 @@ as the plain forward, and really bound what they claim to bound."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import sys
 
@@ -304,9 +305,19 @@ def _sp_memory_worker(rank, world, tied):
         dist.all_reduce(g)
         ref_g = dict(ref.named_parameters())[n].grad
         errors[n] = ((g / world - ref_g).norm() / ref_g.norm()).item()
+    offloaded = model._ulysses_offloader.offloaded_bytes
+    # again, with the kept attention outputs offloaded too (bookkeeping only on CPU): the same step
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    configure_memory(model, dataclasses.replace(model._ulysses_memory, offload_attention_outputs=True))
+    with CountAttentionKernels() as count_kept:
+        again = model(**shard)
+        again.loss.backward()
+    same = again.loss.item() == out.loss.item() and all(torch.equal(p.grad, grads[n]) for n, p in model.named_parameters())
     return {"loss": (out.loss.item(), ref_out.loss.item()), "grads": errors, "shard": shard["input_ids"].shape[1],
             "mlp_rows": max(seen), "attention_calls": count.calls, "layers": len(model.model.layers),
-            "offloaded": model._ulysses_offloader.offloaded_bytes, "logits": out.logits}
+            "offloaded": offloaded, "logits": out.logits, "offloaded_with_kept": model._ulysses_offloader.offloaded_bytes,
+            "kept_offload_same_step": same, "attention_calls_kept_offload": count_kept.calls}
 
 
 @pytest.mark.parametrize("world,tied", [(2, False), (4, True)])
@@ -317,6 +328,11 @@ def test_long_sequence_and_selective_checkpointing_under_sp_equal_plain_forward(
         assert r["shard"] == -(-61 // world)  # the layers ran on the rank's shard only
         assert r["mlp_rows"] <= 4 and r["logits"] is None and r["offloaded"] > 0
         assert r["attention_calls"] == r["layers"]  # attention kept, not recomputed
+        # offload_attention_outputs: the kept outputs go too, at least each layer's attention output
+        # [1, S, H/P, D] over the full (padded) sequence S = shard x world: hidden 32, fp32
+        kept_bytes = r["layers"] * r["shard"] * world * (32 // world) * 4
+        assert r["offloaded_with_kept"] >= r["offloaded"] + kept_bytes
+        assert r["kept_offload_same_step"] and r["attention_calls_kept_offload"] == r["layers"]
         sp_loss, ref_loss = r["loss"]
         assert sp_loss == pytest.approx(ref_loss, rel=1e-5)
         bad = {n: e for n, e in r["grads"].items() if not e < 1e-5}

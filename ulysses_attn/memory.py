@@ -8,7 +8,8 @@
 * ``offload_checkpoints``: with activation checkpointing on, the layers' checkpointed inputs go
   to pinned host memory, overlapped with compute (:mod:`ulysses_attn.offload`).
 * ``selective_checkpointing`` (off; costs memory, saves time): checkpointed layers keep their
-  attention kernel's output instead of recomputing it (:mod:`ulysses_attn.selective_checkpoint`).
+  attention kernel's output instead of recomputing it (:mod:`ulysses_attn.selective_checkpoint`);
+  ``offload_attention_outputs`` (off) sends those outputs to the host with the checkpoints.
 
 ``enable(sp_size, long_sequence=True)`` (launcher: ``--long-sequence``) turns the first three on,
 and activation checkpointing with them, for every Trainer; :func:`configure_memory` does it for one
@@ -49,6 +50,7 @@ class MemoryOptions:
     offload_min_bytes: int = 1 << 20  # smaller saved tensors stay on the device
     activation_checkpointing: bool = False  # turned on for the Trainer when set (long_sequence)
     selective_checkpointing: bool = False
+    offload_attention_outputs: bool = False  # with both above and offload_checkpoints
 
     @classmethod
     def long_sequence(cls, **overrides) -> "MemoryOptions":
@@ -96,6 +98,7 @@ def configure_memory(model: torch.nn.Module, options: MemoryOptions | None = Non
         backbone.forward = _backbone_forward(model, backbone.forward)
     model._ulysses_memory = options
     model._ulysses_offloader.min_bytes = options.offload_min_bytes
+    model._ulysses_offloader.offload_kept = options.offload_attention_outputs and options.selective_checkpointing
     return options
 
 

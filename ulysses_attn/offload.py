@@ -16,6 +16,10 @@ precedence) and
   norm's tensors, the first the backward needs: offloading them would stall its start) and copies
   a tensor saved by several layers (the rotary cos/sin) once.
 
+With ``offload_kept=True`` it also takes what selective checkpointing keeps of each layer (the
+attention kernels' outputs, :mod:`ulysses_attn.selective_checkpoint`) through :meth:`stash` and
+:meth:`restore`, in the same record order, so each restore prefetches the record before it.
+
 transformers' own ``activation_checkpointing_kwargs={"offload": True}`` uses
 ``torch.autograd.graph.save_on_cpu``, whose copies run on the compute stream and stall it.
 Tensors smaller than ``min_bytes`` are kept as they are; on a CPU-only run the same bookkeeping
@@ -24,11 +28,19 @@ runs without copies (there is nowhere cheaper to put them).
 
 from __future__ import annotations
 
+import contextvars
 import weakref
 
 import torch
 
-__all__ = ["CheckpointOffloader"]
+__all__ = ["CheckpointOffloader", "active_offloader"]
+
+_active: contextvars.ContextVar["CheckpointOffloader | None"] = contextvars.ContextVar("ulysses_offloader", default=None)
+
+
+def active_offloader() -> "CheckpointOffloader | None":
+    """The offloader of the forward running now (inside its ``with``), or ``None``."""
+    return _active.get()
 
 
 class _Offloaded:
@@ -47,8 +59,8 @@ class CheckpointOffloader(torch.autograd.graph.saved_tensors_hooks):
     ``offloaded_bytes`` counts what the last forward moved to the host.
     """
 
-    def __init__(self, min_bytes: int = 1 << 20):
-        self.min_bytes = min_bytes
+    def __init__(self, min_bytes: int = 1 << 20, offload_kept: bool = False):
+        self.min_bytes, self.offload_kept = min_bytes, offload_kept
         self._stream = None
         self._records: list[_Offloaded | None] = []
         self._seen: dict[int, tuple[weakref.ref, _Offloaded]] = {}
@@ -58,10 +70,12 @@ class CheckpointOffloader(torch.autograd.graph.saved_tensors_hooks):
 
     def __enter__(self):
         self._records, self._seen, self._keeping, self.offloaded_bytes = [], {}, False, 0
+        self._token = _active.set(self)
         return super().__enter__()
 
     def __exit__(self, *exc):
         self._seen = {}  # the storages may be reused once the forward is over
+        _active.reset(self._token)
         return super().__exit__(*exc)
 
     def keep_rest(self) -> None:
@@ -73,15 +87,28 @@ class CheckpointOffloader(torch.autograd.graph.saved_tensors_hooks):
             self._stream = torch.cuda.Stream(device)
         return self._stream
 
+    def stash(self, tensor: torch.Tensor):
+        """Offload a tensor kept outside autograd's saved tensors; :meth:`restore` gives it back (once)."""
+        if tensor.numel() * tensor.element_size() < self.min_bytes or self._keeping:
+            return tensor
+        return self._offload(tensor)
+
+    def restore(self, packed) -> torch.Tensor:
+        return self._unpack(packed)
+
     def _pack(self, tensor: torch.Tensor):
-        nbytes = tensor.numel() * tensor.element_size()
-        if nbytes < self.min_bytes or self._keeping:
+        if tensor.numel() * tensor.element_size() < self.min_bytes or self._keeping:
             return tensor
         source, record = self._seen.get(id(tensor), (None, None))
         if source is not None and source() is tensor:  # the same tensor, saved again (by another layer)
             record.uses += 1
             return record
-        self.offloaded_bytes += nbytes
+        record = self._offload(tensor)
+        self._seen[id(tensor)] = (weakref.ref(tensor), record)
+        return record
+
+    def _offload(self, tensor: torch.Tensor) -> _Offloaded:
+        self.offloaded_bytes += tensor.numel() * tensor.element_size()
         if tensor.device.type != "cuda":
             # nowhere cheaper to go; kept as is so the same bookkeeping runs (and is tested) on CPU
             record = _Offloaded(len(self._records), tensor.device, tensor, None)
@@ -96,7 +123,6 @@ class CheckpointOffloader(torch.autograd.graph.saved_tensors_hooks):
                 ready.record(stream)
             record = _Offloaded(len(self._records), tensor.device, host, ready)
         self._records.append(record)
-        self._seen[id(tensor)] = (weakref.ref(tensor), record)
         return record
 
     def _fetch(self, record: _Offloaded) -> None:

@@ -17,8 +17,11 @@ allocate differently in the recompute ("aten.empty ... encountered during backwa
 in storage").
 
 FlashAttention-4 (``flash_attn.cute``) runs outside the dispatcher: its attention is recomputed
-(as with full checkpointing), with a warning. The kept outputs stay on the device (they are not
-offloaded): about ``layers x hidden x 2`` bytes per token more.
+(as with full checkpointing), with a warning. The kept outputs cost about ``layers x hidden x 2``
+bytes per token; they stay on the device unless the forward runs inside a
+:class:`~ulysses_attn.offload.CheckpointOffloader` with ``offload_kept=True``
+(``MemoryOptions(offload_checkpoints=True, offload_attention_outputs=True)``), which moves them to
+pinned host memory with the checkpointed inputs and brings each back, prefetched, for its replay.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ import functools
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode_stack
+from torch.utils._pytree import tree_map, tree_map_only
 
 from .compat import decoder_layers
+from .offload import _Offloaded, active_offloader
 
 __all__ = ["is_attention_op", "keep_attention_outputs", "keeps_attention_outputs", "replayed_attention_outputs"]
 
@@ -68,7 +73,10 @@ class _AttentionOutputs(TorchDispatchMode):
             return func(*args, **kwargs)
         if not self.replay:
             out = func(*args, **kwargs)
-            self.kept.append(torch.utils._pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, out))
+            offloader = active_offloader()
+            offloader = offloader if offloader is not None and offloader.offload_kept else None
+            keep = (lambda t: offloader.stash(t.detach())) if offloader else torch.Tensor.detach
+            self.kept.append((offloader, tree_map_only(torch.Tensor, keep, out)))
             return out
         global _replayed
         if self.next >= len(self.kept) or self.kept[self.next] is None:
@@ -76,9 +84,11 @@ class _AttentionOutputs(TorchDispatchMode):
                 f"selective checkpointing: the recompute ran attention kernel #{self.next + 1} ({func}) but the "
                 f"forward kept {len(self.kept)}; the checkpointed layer must call the same attention kernels "
                 "in its recompute (or it was run backward twice).")
-        out, self.kept[self.next] = self.kept[self.next], None
+        (offloader, out), self.kept[self.next] = self.kept[self.next], None
         self.next += 1
         _replayed += 1
+        if offloader is not None:
+            out = tree_map(lambda t: offloader.restore(t) if isinstance(t, _Offloaded) else t, out)
         return out
 
 

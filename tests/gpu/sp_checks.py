@@ -18,7 +18,8 @@
   tiled MLP, checkpoint offload to pinned host memory on a side stream) under SP with small chunks
   (several loss and MLP chunks per shard, every checkpointed layer input offloaded), against the
   plain single-process model: same tolerances as ``models``; also records the bytes offloaded.
-  Llama also with ``selective_checkpointing`` (attention outputs kept through the recompute).
+  Llama also with ``selective_checkpointing`` (attention outputs kept through the recompute), and with
+  those outputs offloaded too (``offload_attention_outputs``).
 
 Every case is recorded (``DIR/<check>-rank<r>.json``) and failures are collected rather than
 raised, so one run reports everything; the exit code is 1 when any case failed.
@@ -431,11 +432,12 @@ def check_models(args) -> None:
 def check_memory(args) -> None:
     exact_fp32()
     P = ulysses_attn.get_sequence_parallel().size
-    for name, selective in (("llama", False), ("qwen2", False), ("llama", True)):
+    # selective: keep the attention outputs; "offloaded": and send them to the host with the checkpoints
+    for name, selective in (("llama", False), ("qwen2", False), ("llama", True), ("llama", "offloaded")):
         batch = make_batch("plain")
         for dtype in (torch.bfloat16, torch.float32):
             dname = str(dtype).split(".")[-1]
-            label = f"{name}/{dname}/P{P}/long_sequence" + ("+selective" if selective else "")
+            label = f"{name}/{dname}/P{P}/long_sequence" + {False: "", True: "+selective"}.get(selective, "+selective+offload")
             kernels.set_kernel("sdpa" if dtype == torch.float32 else None)
             with _case("memory", label):
                 ref_loss, ref_logits, ref_grads = _reference(name, batch, dtype)
@@ -445,7 +447,7 @@ def check_memory(args) -> None:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 ulysses_attn.configure_memory(model, ulysses_attn.MemoryOptions.long_sequence(
                     loss_chunk_tokens=SEQ // (4 * P), mlp_chunk_tokens=SEQ // (4 * P), offload_min_bytes=0,
-                    selective_checkpointing=selective))
+                    selective_checkpointing=bool(selective), offload_attention_outputs=selective == "offloaded"))
                 out = model(**ulysses_attn.shard_batch(batch))
                 out.loss.backward()
                 grads = _mean_grads(model)
