@@ -10,8 +10,9 @@ Modes (each trains the same model, bf16, gradient checkpointing, AdamW, the same
   (``MemoryOptions.selective_checkpointing``), ``ulysses+selective+offload`` offloads them with the
   checkpoints (``offload_attention_outputs``; with ``--long-sequence``);
 * ``alst``: DeepSpeed ALST attention (``UlyssesSPAttentionHF.register_with_transformers`` over
-  ``--alst-attn``, default ``sdpa``; a note after the table says when ulysses ran another kernel), the same SP groups (ranks ``[g*P, (g+1)*P)``); only its attention component, not the
-  DeepSpeed engine;
+  ``--alst-attn``, default ``sdpa``; a note after the table says when ulysses ran another kernel),
+  the same SP groups (ranks ``[g*P, (g+1)*P)``); only its attention component, not the DeepSpeed
+  engine;
 * ``sdpa``: no sequence parallelism; every GPU trains its own full-length sample (P = 1);
   ``flash_attention_2``/``_3``/``_4``: the same with that stock HF backend (to compare with
   ``ulysses@flash_attn`` over the same FlashAttention at P = 1).
@@ -68,9 +69,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 DEV = os.environ.get("BENCH_DEVICE", "cuda")  # "cpu": a gloo dry run of the script logic (tiny model)
+# the stock HF backends (modes without SP, and ALST's core attention) -> ulysses' kernel label for the same kernel
 SAME_KERNEL = {"sdpa": "sdpa", "flash_attention_2": "flash_attn/fa2", "flash_attention_3": "flash_attn/fa3",
-               "flash_attention_4": "flash_attn/fa4"}  # ALST's core attention -> ulysses' kernel label
-STOCK = ("sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4")  # HF backends, no SP
+               "flash_attention_4": "flash_attn/fa4"}
+STOCK = tuple(SAME_KERNEL)
 FORMULA = "model TFLOP/s/GPU = (6*N_matmul*S + 6*L*S^2*H*D) / P / step_time / 1e12 (causal attention; recompute not counted)"
 
 SHAPES = {
@@ -366,16 +368,9 @@ def release_zero3_references() -> None:
 
 
 def live_at_peak(trace: list[dict], baseline: int, top: int = 25) -> dict:
-    """Replay a CUDA allocator trace (``torch.cuda.memory._snapshot()["device_traces"][i]``) and
-    group the allocations alive at its peak by the first frame in transformers / DeepSpeed /
-    ulysses_attn / this script (else the innermost frame; by block size when recorded without
-    stacks). ``baseline``: bytes allocated before."""
-    def key(frames):
-        for f in frames:
-            if any(s in f["filename"] for s in ("transformers/", "deepspeed/", "ulysses_attn/", "benchmarks/")):
-                return f"{f['filename'].split('site-packages/')[-1]}:{f['line']} {f['name']}"
-        return f"{frames[0]['filename']}:{frames[0]['line']} {frames[0]['name']}" if frames else None
-
+    """Replay a CUDA allocator trace (``torch.cuda.memory._snapshot()["device_traces"][i]``,
+    recorded without stacks) and group the allocations alive at its peak by block size.
+    ``baseline``: bytes allocated before."""
     live, total, peak, peak_at = {}, baseline, baseline, -1
     for i, ev in enumerate(trace):
         if ev["action"] == "alloc":
@@ -388,13 +383,13 @@ def live_at_peak(trace: list[dict], baseline: int, top: int = 25) -> dict:
     live = {}
     for ev in trace[: peak_at + 1]:
         if ev["action"] == "alloc":
-            live[ev["addr"]] = ev
+            live[ev["addr"]] = ev["size"]
         elif ev["action"] == "free_completed":
             live.pop(ev["addr"], None)
     groups: dict[str, list] = {}
-    for ev in live.values():
-        g = groups.setdefault(key(ev.get("frames", [])) or f"{ev['size'] / 2**20:.1f} MiB blocks", [0, 0])
-        g[0] += ev["size"]
+    for size in live.values():
+        g = groups.setdefault(f"{size / 2**20:.1f} MiB blocks", [0, 0])
+        g[0] += size
         g[1] += 1
     rows = sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]
     return {"peak_gib": round(peak / 2**30, 2), "baseline_gib": round(baseline / 2**30, 2),

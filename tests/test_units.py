@@ -361,6 +361,7 @@ def test_flash_module_is_told_apart_by_distribution(tmp_path, monkeypatch):
     (tmp_path / "flash_attn" / "cute" / "__init__.py").write_text("flash_attn_func = None\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     kernels._flash_module.cache_clear()
+    kernels._flash_module_on.cache_clear()
     try:
         import importlib.util
 
@@ -369,6 +370,7 @@ def test_flash_module_is_told_apart_by_distribution(tmp_path, monkeypatch):
         assert kernels.flash_version(torch.device("cpu")) is None
     finally:
         kernels._flash_module.cache_clear()
+        kernels._flash_module_on.cache_clear()
 
 
 # ================================================================================================

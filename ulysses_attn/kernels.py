@@ -210,11 +210,14 @@ def _flash_module(capability: tuple[int, int]):
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _flash_module_on(device: torch.device):
+    return _flash_module(torch.cuda.get_device_capability(device)) if device.type == "cuda" else None
+
+
 def flash_version(device: torch.device) -> str | None:
     """``"fa2"``, ``"fa3"``, ``"fa4"`` or ``None``: the FlashAttention the ``flash_attn`` kernel calls."""
-    if device.type != "cuda":
-        return None
-    fa = _flash_module(torch.cuda.get_device_capability(device))
+    fa = _flash_module_on(torch.device(device))
     return None if fa is None else {"flash_attn_interface": "fa3", "flash_attn.cute": "fa4"}.get(fa.__name__, "fa2")
 
 
@@ -225,7 +228,7 @@ def _keeping_attention_outputs() -> bool:
 
 
 def _flash_attn(q, k, v, layout: Layout, *, causal, scale, dropout, window, softcap):
-    fa = _flash_module(torch.cuda.get_device_capability(q.device))
+    fa = _flash_module_on(q.device)
     if fa.__name__ == "flash_attn.cute" and "fa4_selective" not in _warned and _keeping_attention_outputs():
         _warned.add("fa4_selective")
         logger.warning("selective checkpointing cannot keep FlashAttention-4's outputs (its kernels run outside the "

@@ -89,15 +89,16 @@ class CheckpointOffloader(torch.autograd.graph.saved_tensors_hooks):
 
     def stash(self, tensor: torch.Tensor):
         """Offload a tensor kept outside autograd's saved tensors; :meth:`restore` gives it back (once)."""
-        if tensor.numel() * tensor.element_size() < self.min_bytes or self._keeping:
-            return tensor
-        return self._offload(tensor)
+        return tensor if self._stays(tensor) else self._offload(tensor)
 
     def restore(self, packed) -> torch.Tensor:
         return self._unpack(packed)
 
+    def _stays(self, tensor: torch.Tensor) -> bool:
+        return tensor.numel() * tensor.element_size() < self.min_bytes or self._keeping
+
     def _pack(self, tensor: torch.Tensor):
-        if tensor.numel() * tensor.element_size() < self.min_bytes or self._keeping:
+        if self._stays(tensor):
             return tensor
         source, record = self._seen.get(id(tensor), (None, None))
         if source is not None and source() is tensor:  # the same tensor, saved again (by another layer)

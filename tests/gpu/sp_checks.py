@@ -432,12 +432,13 @@ def check_models(args) -> None:
 def check_memory(args) -> None:
     exact_fp32()
     P = ulysses_attn.get_sequence_parallel().size
-    # selective: keep the attention outputs; "offloaded": and send them to the host with the checkpoints
-    for name, selective in (("llama", False), ("qwen2", False), ("llama", True), ("llama", "offloaded")):
+    # selective: keep the attention outputs; offload_kept: and send them to the host with the checkpoints
+    for name, selective, offload_kept in (("llama", False, False), ("qwen2", False, False), ("llama", True, False),
+                                          ("llama", True, True)):
         batch = make_batch("plain")
         for dtype in (torch.bfloat16, torch.float32):
             dname = str(dtype).split(".")[-1]
-            label = f"{name}/{dname}/P{P}/long_sequence" + {False: "", True: "+selective"}.get(selective, "+selective+offload")
+            label = f"{name}/{dname}/P{P}/long_sequence" + "+selective" * selective + "+offload" * offload_kept
             kernels.set_kernel("sdpa" if dtype == torch.float32 else None)
             with _case("memory", label):
                 ref_loss, ref_logits, ref_grads = _reference(name, batch, dtype)
@@ -447,7 +448,7 @@ def check_memory(args) -> None:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 ulysses_attn.configure_memory(model, ulysses_attn.MemoryOptions.long_sequence(
                     loss_chunk_tokens=SEQ // (4 * P), mlp_chunk_tokens=SEQ // (4 * P), offload_min_bytes=0,
-                    selective_checkpointing=bool(selective), offload_attention_outputs=selective == "offloaded"))
+                    selective_checkpointing=selective, offload_attention_outputs=offload_kept))
                 out = model(**ulysses_attn.shard_batch(batch))
                 out.loss.backward()
                 grads = _mean_grads(model)
