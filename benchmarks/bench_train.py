@@ -463,6 +463,7 @@ def describe_loss_path(mode_name: str, model, args) -> str:
 def run_config(mode_name: str, seq: int, args, sp, state: dict) -> dict:
     import ulysses_attn
     from ulysses_attn import kernels
+    from ulysses_attn.selective_checkpoint import replayed_attention_outputs
 
     world, rank = dist.get_world_size(), dist.get_rank()
     leftover = torch.cuda.memory_allocated() / 2**30 if DEV == "cuda" else 0.0  # should be ~0: see --zero
@@ -562,6 +563,7 @@ def run_config(mode_name: str, seq: int, args, sp, state: dict) -> dict:
     if DEV == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times, a2a, gsync, calls = [], [], [], 0
+    replayed = replayed_attention_outputs()
     if args.memory_history and DEV == "cuda" and rank0():
         baseline = torch.cuda.memory_allocated()
         # without stacks: recording Python stacks broke cross_entropy in the backward (torch 2.11, ZeRO-3)
@@ -578,6 +580,7 @@ def run_config(mode_name: str, seq: int, args, sp, state: dict) -> dict:
         calls = TIMER.calls
         gsync.append(ev.ms())
         times.append((t1 - t0) * 1e3)
+    replayed = (replayed_attention_outputs() - replayed) / args.steps
     peak = torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else 0.0
     memory = {}
     if args.memory_history and DEV == "cuda" and rank0():
@@ -629,6 +632,7 @@ def run_config(mode_name: str, seq: int, args, sp, state: dict) -> dict:
         "N_matmul": N,
         "attn_flop_share": round(6 * L * seq * seq * H * D / flops, 3),
         "ulysses_kernel": used,
+        "attention_replayed_per_step": replayed,  # selective checkpointing: kernel calls the recompute skipped
         **prof,
         **memory,
     }

@@ -30,6 +30,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from . import flash4
+
 logger = logging.getLogger("ulysses_attn")
 
 __all__ = ["Layout", "layout_from_positions", "attend", "set_kernel", "available_kernels", "KERNELS"]
@@ -229,30 +231,40 @@ def _keeping_attention_outputs() -> bool:
 
 def _flash_attn(q, k, v, layout: Layout, *, causal, scale, dropout, window, softcap):
     fa = _flash_module_on(q.device)
-    if fa.__name__ == "flash_attn.cute" and "fa4_selective" not in _warned and _keeping_attention_outputs():
-        _warned.add("fa4_selective")
-        logger.warning("selective checkpointing cannot keep FlashAttention-4's outputs (its kernels run outside the "
-                       "PyTorch dispatcher): attention is recomputed as with full checkpointing. Use "
-                       "ULYSSES_ATTN_KERNEL=sdpa to keep them, or turn selective checkpointing off.")
-    kwargs = {"softmax_scale": scale, "causal": causal}
-    if window:
-        kwargs["window_size"] = (window - 1, 0 if causal else window - 1)
-    if softcap:
-        kwargs["softcap"] = softcap
-    if dropout:
-        if fa.__name__ != "flash_attn":
-            raise NotImplementedError("FlashAttention-3/4 have no attention dropout; set attention_dropout=0.")
-        kwargs["dropout_p"] = dropout
-    if layout.dense:
-        out = fa.flash_attn_func(q, k, v, **kwargs)
+    if dropout and fa.__name__ != "flash_attn":
+        raise NotImplementedError("FlashAttention-3/4 have no attention dropout; set attention_dropout=0.")
+    window_left_right = (window - 1, 0 if causal else window - 1) if window else None
+    if fa.__name__ == "flash_attn.cute" and flash4.supported():
+        # FA4 as a registered op, so that selective checkpointing can keep its output
+        def call(q, k, v, cu_seqlens=None, max_seqlen=None):
+            return flash4.flash_attn4(q, k, v, cu_seqlens, max_seqlen, scale, causal,
+                                      *(window_left_right or (None, None)), float(softcap or 0.0))[0]
     else:
-        qf, kf, vf = _varlen_inputs(q, k, v, layout)
-        cu, m = layout.cu_seqlens, layout.max_seqlen
-        # by keyword: FA4 takes ``qv`` where FA2/FA3 take ``cu_seqlens_q``
-        out = fa.flash_attn_varlen_func(qf, kf, vf, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=m,
-                                        max_seqlen_k=m, **kwargs)
-        out = _varlen_output(out[0] if isinstance(out, tuple) else out, q.shape, layout)
-    return out[0] if isinstance(out, tuple) else out
+        if fa.__name__ == "flash_attn.cute" and "fa4_selective" not in _warned and _keeping_attention_outputs():
+            _warned.add("fa4_selective")
+            logger.warning("selective checkpointing cannot keep the outputs of this FlashAttention-4 version (its "
+                           "kernels run outside the PyTorch dispatcher): attention is recomputed as with full "
+                           "checkpointing. Use ULYSSES_ATTN_KERNEL=sdpa to keep them.")
+        kwargs = {"softmax_scale": scale, "causal": causal}
+        if window_left_right:
+            kwargs["window_size"] = window_left_right
+        if softcap:
+            kwargs["softcap"] = softcap
+        if dropout:
+            kwargs["dropout_p"] = dropout
+
+        def call(q, k, v, cu_seqlens=None, max_seqlen=None):
+            if cu_seqlens is None:
+                out = fa.flash_attn_func(q, k, v, **kwargs)
+            else:  # by keyword: FA4 takes ``qv`` where FA2/FA3 take ``cu_seqlens_q``
+                out = fa.flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+                                                max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, **kwargs)
+            return out[0] if isinstance(out, tuple) else out
+
+    if layout.dense:
+        return call(q, k, v)
+    out = call(*_varlen_inputs(q, k, v, layout), layout.cu_seqlens, layout.max_seqlen)
+    return _varlen_output(out, q.shape, layout)
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,9 @@
   tiled MLP, checkpoint offload to pinned host memory on a side stream) under SP with small chunks
   (several loss and MLP chunks per shard, every checkpointed layer input offloaded), against the
   plain single-process model: same tolerances as ``models``; also records the bytes offloaded.
-  Llama also with ``selective_checkpointing`` (attention outputs kept through the recompute), and with
-  those outputs offloaded too (``offload_attention_outputs``).
+  Llama also with ``selective_checkpointing`` (attention outputs kept through the recompute: each
+  layer's recompute must skip its kernel, FA4's included), and with those outputs offloaded too
+  (``offload_attention_outputs``).
 
 Every case is recorded (``DIR/<check>-rank<r>.json``) and failures are collected rather than
 raised, so one run reports everything; the exit code is 1 when any case failed.
@@ -45,6 +46,7 @@ import torch.distributed as dist
 import ulysses_attn
 from ulysses_attn import comm, kernels
 from ulysses_attn.kernels import Layout, attend, layout_from_positions
+from ulysses_attn.selective_checkpoint import replayed_attention_outputs
 
 DEVICE_TYPE = os.environ.get("SP_CHECKS_DEVICE", "cuda")
 FAILURES: list[str] = []
@@ -440,6 +442,7 @@ def check_memory(args) -> None:
             dname = str(dtype).split(".")[-1]
             label = f"{name}/{dname}/P{P}/long_sequence" + "+selective" * selective + "+offload" * offload_kept
             kernels.set_kernel("sdpa" if dtype == torch.float32 else None)
+            kernels._logged.clear()
             with _case("memory", label):
                 ref_loss, ref_logits, ref_grads = _reference(name, batch, dtype)
                 model = build(name, "ulysses_flash", dtype)
@@ -449,15 +452,20 @@ def check_memory(args) -> None:
                 ulysses_attn.configure_memory(model, ulysses_attn.MemoryOptions.long_sequence(
                     loss_chunk_tokens=SEQ // (4 * P), mlp_chunk_tokens=SEQ // (4 * P), offload_min_bytes=0,
                     selective_checkpointing=selective, offload_attention_outputs=offload_kept))
+                replayed = replayed_attention_outputs()
                 out = model(**ulysses_attn.shard_batch(batch))
                 out.loss.backward()
+                replayed = replayed_attention_outputs() - replayed
                 grads = _mean_grads(model)
                 m = _compare(ref_loss, ref_logits, ref_grads, out.loss.item(), ref_logits, grads)
                 m.pop("logits_rel")  # the chunked loss returns no logits
                 m["offloaded_mib"] = model._ulysses_offloader.offloaded_bytes / 2**20
                 m["logits_returned"] = out.logits is not None
+                m["attention_replayed"] = replayed  # selective: each layer's recompute skipped its kernel
+                m["kernels_used"] = sorted({n for n, _ in kernels._logged})
+                layers = model.config.num_hidden_layers
                 del model, out
-                ok = _within_tolerance(m, dtype) and not m["logits_returned"]
+                ok = _within_tolerance(m, dtype) and not m["logits_returned"] and replayed >= selective * layers
                 record("memory", label, ok and (DEVICE_TYPE != "cuda" or m["offloaded_mib"] > 0), **m)
 
 

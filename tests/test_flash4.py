@@ -1,0 +1,153 @@
+"""FlashAttention-4 as a registered op (``ulysses_attn.flash4``), on CPU.
+
+FA4 needs a Hopper GPU, so these tests put a stand-in for its internal ``_flash_attn_fwd`` /
+``_flash_attn_bwd`` (the exact reference kernel, float64) behind the op. They check the op's
+plumbing -- arguments, dense and packed layouts, window, autograd, that selective checkpointing sees
+and keeps it -- not FA4 itself; the real kernel is checked on the GPU (tests/gpu/sp_checks.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from ulysses_attn import flash4, kernels
+from ulysses_attn import selective_checkpoint as sc
+from ulysses_attn.kernels import Layout, layout_from_positions
+
+
+def _layout(cu_seqlens, tokens):
+    if cu_seqlens is None:
+        return Layout()
+    starts = torch.zeros(1, tokens, dtype=torch.long)
+    starts[0, cu_seqlens[1:-1].long()] = 1
+    return Layout(segment_ids=starts.cumsum(1))
+
+
+def _stand_in(calls):
+    """FA4's internal functions, with their parameter names, computed by the reference kernel."""
+
+    def reference(q, k, v, cu_seqlens_q, scale, causal, softcap, window_left):
+        dense = cu_seqlens_q is None
+        if not dense:
+            q, k, v = (t[None] for t in (q, k, v))
+        out = kernels._reference(q, k, v, _layout(cu_seqlens_q, q.shape[1]), causal=causal, scale=scale,
+                                 dropout=0.0, window=None if window_left is None else window_left + 1,
+                                 softcap=softcap)
+        return (out if dense else out[0]).contiguous()  # FA4 allocates a contiguous output
+
+    def _flash_attn_fwd(q, k, v, qv=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+                        max_seqlen_k=None, softmax_scale=None, causal=False, softcap=None, window_size_left=None,
+                        window_size_right=None, return_lse=False):
+        calls.append("fwd")
+        out = reference(q, k, v, cu_seqlens_q, softmax_scale, causal, softcap, window_size_left)
+        lse_shape = (q.shape[0], q.shape[2], q.shape[1]) if cu_seqlens_q is None else (q.shape[1], q.shape[0])
+        return out, torch.zeros(lse_shape, dtype=torch.float32), None, None, None
+
+    def _flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=None, causal=False, softcap=0.0,
+                        window_size_left=None, window_size_right=None, cu_seqlens_q=None, cu_seqlens_k=None,
+                        max_seqlen_q=None, max_seqlen_k=None, deterministic=False):
+        calls.append("bwd")
+        _, vjp = torch.func.vjp(
+            lambda q, k, v: reference(q, k, v, cu_seqlens_q, softmax_scale, causal, softcap, window_size_left),
+            q, k, v)
+        return vjp(dout)
+
+    return types.SimpleNamespace(_flash_attn_fwd=_flash_attn_fwd, _flash_attn_bwd=_flash_attn_bwd)
+
+
+@pytest.fixture
+def fa4(monkeypatch):
+    """The ``flash_attn`` kernel on CPU as FA4 with the stand-in; yields the list of kernel calls."""
+    calls: list[str] = []
+    monkeypatch.setattr(flash4, "_load_interface", lambda: _stand_in(calls))
+    monkeypatch.setattr(kernels, "_flash_module_on", lambda device: types.SimpleNamespace(__name__="flash_attn.cute"))
+    flash4._internals.cache_clear()
+    yield calls
+    flash4._internals.cache_clear()
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, 12, 4, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(1, 12, 2, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    return [t.requires_grad_() for t in (q, k, v)]
+
+
+LAYOUTS = {
+    "dense": lambda: Layout(),
+    "packed": lambda: layout_from_positions(torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3]]), None),
+    "left-padded": lambda: layout_from_positions(None, torch.tensor([[0, 0, 0] + [1] * 9])),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("window,softcap", [(None, None), (4, None), (None, 5.0)])
+def test_flash_attn4_op_equals_the_reference_kernel(fa4, layout, window, softcap):
+    layout = LAYOUTS[layout]()
+    opts = dict(causal=True, scale=0.3, dropout=0.0, window=window, softcap=softcap)
+    q, k, v = _inputs()
+    out = kernels._flash_attn(q, k, v, layout, **opts)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref = kernels._reference(q, k, v, layout, **opts)
+    if layout.indices is not None:  # ignored (left-pad) rows: the varlen output is zero there
+        ref = ref * (layout.segment_ids >= 0)[..., None, None]
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads, torch.autograd.grad(ref, (q, k, v), dout)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert fa4 == ["fwd", "bwd"]
+
+
+def test_selective_checkpointing_keeps_the_flash_attn4_output(fa4):
+    assert sc.is_attention_op(torch.ops.ulysses_attn.flash_attn4.default)
+    assert not sc.is_attention_op(torch.ops.ulysses_attn.flash_attn4_backward.default)
+    opts = dict(causal=True, scale=0.3, dropout=0.0, window=None, softcap=None)
+
+    def layer(q, k, v):
+        return (kernels._flash_attn(q.sin(), k, v, Layout(), **opts) * q).sum()
+
+    q, k, v = _inputs()
+    checkpoint(layer, q, k, v, use_reentrant=False).backward()
+    assert fa4 == ["fwd", "fwd", "bwd"]  # full checkpointing runs the forward kernel again
+    recomputed = [t.grad.clone() for t in (q, k, v)]
+    fa4.clear()
+    before = sc.replayed_attention_outputs()
+    for t in (q, k, v):
+        t.grad = None
+    checkpoint(layer, q, k, v, use_reentrant=False, context_fn=sc._context).backward()
+    assert fa4 == ["fwd", "bwd"] and sc.replayed_attention_outputs() == before + 1
+    for got, want in zip((q.grad, k.grad, v.grad), recomputed):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_an_fa4_with_other_internals_goes_through_its_public_function(monkeypatch, caplog):
+    calls: list[str] = []
+    changed = _stand_in(calls)
+    changed._flash_attn_bwd = lambda q, k, v, out, dout, lse: None  # lost its keyword parameters
+    monkeypatch.setattr(flash4, "_load_interface", lambda: changed)
+    flash4._internals.cache_clear()
+    public = []
+    fa = types.SimpleNamespace(__name__="flash_attn.cute",
+                               flash_attn_func=lambda q, k, v, **kw: public.append(kw) or (q, None))
+    monkeypatch.setattr(kernels, "_flash_module_on", lambda device: fa)
+    try:
+        with caplog.at_level(logging.WARNING, logger="ulysses_attn"):
+            assert not flash4.supported()
+        assert "internal forward/backward differ" in caplog.text
+        q, k, v = _inputs()
+        kernels._flash_attn(q, k, v, Layout(), causal=True, scale=0.3, dropout=0.0, window=4, softcap=None)
+        assert public == [{"softmax_scale": 0.3, "causal": True, "window_size": (3, 0)}] and calls == []
+    finally:
+        flash4._internals.cache_clear()
+
+
+def test_flash_attn4_op_registration(fa4):
+    q, k, v = (t.detach().float() for t in _inputs())
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), None, None, 0.3, True, 3, 0, 0.0)
+    torch.library.opcheck(torch.ops.ulysses_attn.flash_attn4.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
