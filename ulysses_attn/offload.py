@@ -117,7 +117,9 @@ class CheckpointOffloader(torch.autograd.graph.saved_tensors_hooks):
             stream = self._side_stream(tensor.device)
             stream.wait_stream(torch.cuda.current_stream(tensor.device))
             with torch.cuda.stream(stream):
-                host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+                # the same strides: a kernel's backward may rely on its saved output's layout (cuDNN
+                # attention took a contiguous copy of its permuted output as wrong gradients)
+                host = torch.empty_like(tensor, device="cpu", pin_memory=True)
                 host.copy_(tensor, non_blocking=True)
                 tensor.record_stream(stream)
                 ready = torch.cuda.Event()
@@ -135,7 +137,7 @@ class CheckpointOffloader(torch.autograd.graph.saved_tensors_hooks):
         stream = self._side_stream(record.device)
         with torch.cuda.stream(stream):
             stream.wait_event(record.ready)  # its device-to-host copy is done
-            record.device_copy = record.host.to(record.device, non_blocking=True)
+            record.device_copy = record.host.to(record.device, non_blocking=True)  # strides kept
             record.ready = torch.cuda.Event()
             record.ready.record(stream)
 
