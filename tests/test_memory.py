@@ -4,7 +4,6 @@ as the plain forward, and really bound what they claim to bound."""
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 import sys
 
@@ -289,7 +288,7 @@ def _sp_memory_worker(rank, world, tied):
     model = build("llama", "ulysses_flash", tie_word_embeddings=tied)
     model.loss_function = causal_lm_loss
     configure_memory(model, MemoryOptions.long_sequence(loss_chunk_tokens=5, mlp_chunk_tokens=4, offload_min_bytes=0,
-                                                        selective_checkpointing=True))
+                                                        selective_checkpointing=True, offload_attention_outputs=False))
     model.gradient_checkpointing_enable()
     model.train()
     seen = []
@@ -306,10 +305,11 @@ def _sp_memory_worker(rank, world, tied):
         ref_g = dict(ref.named_parameters())[n].grad
         errors[n] = ((g / world - ref_g).norm() / ref_g.norm()).item()
     offloaded = model._ulysses_offloader.offloaded_bytes
-    # again, with the kept attention outputs offloaded too (bookkeeping only on CPU): the same step
+    # again, with the kept attention outputs offloaded too (the default; bookkeeping only on CPU): the same step
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
-    configure_memory(model, dataclasses.replace(model._ulysses_memory, offload_attention_outputs=True))
+    configure_memory(model, MemoryOptions.long_sequence(loss_chunk_tokens=5, mlp_chunk_tokens=4, offload_min_bytes=0,
+                                                        selective_checkpointing=True))
     with CountAttentionKernels() as count_kept:
         again = model(**shard)
         again.loss.backward()

@@ -9,7 +9,8 @@
   to pinned host memory, overlapped with compute (:mod:`ulysses_attn.offload`).
 * ``selective_checkpointing`` (off; costs memory, saves time): checkpointed layers keep their
   attention kernel's output instead of recomputing it (:mod:`ulysses_attn.selective_checkpoint`);
-  ``offload_attention_outputs`` (off) sends those outputs to the host with the checkpoints.
+  with ``offload_checkpoints`` those outputs go to the host too (``offload_attention_outputs``, on:
+  one H200, 1B shape at 128K, 19.9 instead of 25.6 GiB for 1% of the step).
 
 ``enable(sp_size, long_sequence=True)`` (launcher: ``--long-sequence``) turns the first three on,
 and activation checkpointing with them, for every Trainer; :func:`configure_memory` does it for one
@@ -50,7 +51,7 @@ class MemoryOptions:
     offload_min_bytes: int = 1 << 20  # smaller saved tensors stay on the device
     activation_checkpointing: bool = False  # turned on for the Trainer when set (long_sequence)
     selective_checkpointing: bool = False
-    offload_attention_outputs: bool = False  # with both above and offload_checkpoints
+    offload_attention_outputs: bool = True  # applies with selective_checkpointing and offload_checkpoints
 
     @classmethod
     def long_sequence(cls, **overrides) -> "MemoryOptions":
