@@ -6,9 +6,10 @@
 Modes (each trains the same model, bf16, gradient checkpointing, AdamW, the same loss):
 
 * ``ulysses``: ``attn_implementation="ulysses_flash"`` (this package), SP group of ``--sp`` ranks;
-  ``ulysses+selective`` also keeps the attention outputs through the recompute
-  (``MemoryOptions.selective_checkpointing``), ``ulysses+selective+offload`` offloads them with the
-  checkpoints (``offload_attention_outputs``; with ``--long-sequence``);
+  ``ulysses+selective`` also keeps the attention outputs through the recompute, on the GPU
+  (``MemoryOptions.selective_checkpointing``, ``offload_attention_outputs=False``);
+  ``ulysses+selective+offload`` offloads them with the checkpoints (the package's default for
+  selective checkpointing with ``--long-sequence``);
 * ``alst``: DeepSpeed ALST attention (``UlyssesSPAttentionHF.register_with_transformers`` over
   ``--alst-attn``, default ``sdpa``; a note after the table says when ulysses ran another kernel),
   the same SP groups (ranks ``[g*P, (g+1)*P)``); only its attention component, not the DeepSpeed

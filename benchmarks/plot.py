@@ -35,6 +35,15 @@ FIGURES = {
                "2026-11-29_h200_1b_p1_fa4_long_sequence_128k.json", "2026-11-29_h200_1b_p1_fa4_long_sequence_256k.json"],
         modes=LONG_SEQUENCE_MODES,
     ),
+    "long_sequence_1b_fa4": dict(
+        title="Llama-3.2-1B shape, one GPU, FlashAttention-4 on both sides",
+        files=["2026-11-29_h200_1b_p1_fa4_selective_vs_alst_fa4_64k.json",
+               "2026-11-29_h200_1b_p1_fa4_selective_vs_alst_fa4_128k.json"],
+        modes={"ulysses": "ulysses_attn long_sequence",
+               "ulysses+selective": "ulysses_attn long_sequence + selective",
+               "ulysses+selective+offload": "ulysses_attn long_sequence + selective, kept outputs offloaded",
+               "alst": "ALST TiledMLP + TiledFusedLogitsLoss + offload (attention: flash_attention_4)"},
+    ),
     "long_sequence_8b": dict(
         title="Llama-3.1-8B shape, one GPU, long-sequence memory features",
         files=["2026-11-29_h200_8b_p1_long_sequence_32k-64k.json", "2026-11-29_h200_8b_p1_fa4_long_sequence_64k.json"],
@@ -62,22 +71,26 @@ def plot(key: str, spec: dict, out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     gpu, series = load(spec["files"])
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.6))
+    ticks = set()
     for mode, label in spec["modes"].items():
         if mode not in series:
             continue
         seq, tok, mem = zip(*series[mode])
         kk = [s // 1024 for s in seq]
+        ticks.update(kk)
         ax_t.plot(kk, tok, marker="o", label=label)
         ax_m.plot(kk, mem, marker="o", label=label)
     for ax, ylabel in ((ax_t, "tokens/s per GPU"), (ax_m, "peak memory per GPU (GiB)")):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(ticks), [str(k) for k in sorted(ticks)])
+        ax.minorticks_off()
         ax.set_xlabel("sequence length (K tokens)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    fig.legend(*ax_t.get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=8, frameon=False)
     fig.suptitle(f"{spec['title']} -- {gpu}", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     path = out / f"{key}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -8,20 +8,19 @@ recomputes everything else, so the backward skips the second attention forward.
 
 How: the layer's non-reentrant checkpoint gets a ``context_fn`` whose two dispatch modes see
 only the forward attention kernels (SDPA's backends, ``torch.nn.attention.varlen``, FA2/FA3's
-registered ops): in the forward they keep the kernels' outputs, in the recompute they hand them
-back in the same order instead of running the kernels; every other op runs as usual. This is
-PyTorch's selective checkpointing (``create_selective_checkpoint_contexts``) restricted to the
-attention ops. PyTorch's own (2.13) also requires every other op of the recompute to match the
-forward's one for one, which fails under DeepSpeed ZeRO-3: its parameter gathers inside the layer
-allocate differently in the recompute ("aten.empty ... encountered during backward but not found
-in storage").
+registered ops, FA4 through :mod:`ulysses_attn.flash4`): in the forward they keep the kernels'
+outputs, in the recompute they hand them back in the same order instead of running the kernels;
+every other op runs as usual. This is PyTorch's selective checkpointing
+(``create_selective_checkpoint_contexts``) restricted to the attention ops. PyTorch's own (2.13)
+also requires every other op of the recompute to match the forward's one for one, which fails
+under DeepSpeed ZeRO-3: its parameter gathers inside the layer allocate differently in the
+recompute ("aten.empty ... encountered during backward but not found in storage").
 
-FlashAttention-4 (``flash_attn.cute``) runs outside the dispatcher: its attention is recomputed
-(as with full checkpointing), with a warning. The kept outputs cost about ``layers x hidden x 2``
-bytes per token; they stay on the device unless the forward runs inside a
-:class:`~ulysses_attn.offload.CheckpointOffloader` with ``offload_kept=True``
-(``MemoryOptions(offload_checkpoints=True, offload_attention_outputs=True)``), which moves them to
-pinned host memory with the checkpointed inputs and brings each back, prefetched, for its replay.
+The kept outputs cost about ``layers x hidden x 2`` bytes per token; they stay on the device
+unless the forward runs inside a :class:`~ulysses_attn.offload.CheckpointOffloader` with
+``offload_kept=True`` (``MemoryOptions(offload_checkpoints=True)``, whose
+``offload_attention_outputs`` is on by default), which moves them to pinned host memory with the
+checkpointed inputs and brings each back, prefetched, for its replay.
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ from .offload import _Offloaded, active_offloader
 __all__ = ["is_attention_op", "keep_attention_outputs", "keeps_attention_outputs", "replayed_attention_outputs"]
 
 # forward attention kernels as the dispatcher sees them (SDPA's flash/cuDNN/efficient/CPU-flash
-# backends, torch.nn.attention.varlen, flash-attn's registered ops)
+# backends, torch.nn.attention.varlen, flash-attn's registered ops, ulysses_attn::flash_attn4)
 _ATTENTION_OPS = ("scaled_dot_product", "_flash_attention_forward", "_efficient_attention_forward",
                   "_cudnn_attention_forward", "varlen_attn", "flash_attn")
 _replayed = 0
