@@ -10,14 +10,14 @@ The ops call FA4's internal ``_flash_attn_fwd``/``_flash_attn_bwd``, the functio
 autograd Function calls (flash-attn-4 4.0.0b36). Their parameters are checked at first use; if a
 FA4 version changes them, :func:`supported` is ``False`` and the ``flash_attn`` kernel calls FA4's
 public ``flash_attn_func`` instead (with a warning where selective checkpointing then recomputes).
+(No ``from __future__ import annotations`` here: ``custom_op`` reads the annotations as types.)
 """
-
-from __future__ import annotations
 
 import functools
 import importlib
 import inspect
 import logging
+from typing import Optional
 
 import torch
 
@@ -65,12 +65,12 @@ def flash_attn4(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    cu_seqlens: torch.Tensor | None,
-    max_seqlen: int | None,
+    cu_seqlens: Optional[torch.Tensor],
+    max_seqlen: Optional[int],
     scale: float,
     causal: bool,
-    window_left: int | None,
-    window_right: int | None,
+    window_left: Optional[int],
+    window_right: Optional[int],
     softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FA4 attention: ``q [B, S, H, D]`` (or ``[tokens, H, D]`` with ``cu_seqlens``) -> ``(out, lse)``.
@@ -97,12 +97,12 @@ def flash_attn4_backward(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
-    cu_seqlens: torch.Tensor | None,
-    max_seqlen: int | None,
+    cu_seqlens: Optional[torch.Tensor],
+    max_seqlen: Optional[int],
     scale: float,
     causal: bool,
-    window_left: int | None,
-    window_right: int | None,
+    window_left: Optional[int],
+    window_right: Optional[int],
     softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _, bwd = _internals()
