@@ -54,6 +54,8 @@ def tiny_model(arch: str, vocab_size: int, attn: str, seed: int):
 def save_log_history(trainer, output_dir: str) -> None:
     """Write the logged metrics of a finished run to output_dir/log_history.json (main process)."""
     selective_layers, skipped_attention = selective_checkpointing(trainer.model)
+    ds_utils = sys.modules.get("deepspeed.utils")  # imported by the Trainer when DeepSpeed runs
+    zero3_leaves = len(ds_utils.get_z3_leaf_modules(trainer.model)) if ds_utils else 0
     if trainer.is_world_process_zero():
         os.makedirs(output_dir, exist_ok=True)
         with open(os.path.join(output_dir, "log_history.json"), "w") as f:
@@ -159,6 +161,8 @@ def main():
     trainer.train(resume_from_checkpoint=True if args.resume else None)
     state = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # collective: gathers ZeRO-3 shards
     selective_layers, skipped_attention = selective_checkpointing(trainer.model)
+    ds_utils = sys.modules.get("deepspeed.utils")  # imported by the Trainer when DeepSpeed runs
+    zero3_leaves = len(ds_utils.get_z3_leaf_modules(trainer.model)) if ds_utils else 0
     if trainer.is_world_process_zero():
         os.makedirs(args.output_dir, exist_ok=True)
         torch.save({k: v.detach().cpu() for k, v in state.items()}, os.path.join(args.output_dir, "weights.pt"))
@@ -168,6 +172,7 @@ def main():
                        "activation_checkpointing": trainer.model.is_activation_checkpointing,
                        "selective_checkpointing_layers": selective_layers,
                        "attention_calls_not_recomputed": skipped_attention,
+                       "zero3_leaf_modules": zero3_leaves,
                        "world_size": training_args.world_size}, f, indent=1)
 
 

@@ -96,6 +96,7 @@ def test_zero3_long_sequence_sp2_times_dp2_equals_ddp2(tmp_path, baselines):
     assert_same(sp_run, baselines("ddp2", nproc=2, extra=["--eval"]), 2)
     assert sp_run[0]["activation_checkpointing"] and 0 < sp_run[0]["lm_head_rows_max"] <= 48
     assert sp_run[0]["mlp_rows_max"] <= 2 * 40
+    assert sp_run[0]["zero3_leaf_modules"] == 2  # each tiled MLP is gathered whole, once per call
 
 
 def test_zero3_selective_checkpointing_sp2_equals_plain(tmp_path, baselines):

@@ -6,7 +6,8 @@ intermediate activations (``3 x intermediate_size`` values per token for a gated
 time, forward or backward, instead of the whole sequence's. The submodules are called as modules,
 so DeepSpeed ZeRO-3 gathers their weights as usual (every rank makes the same number of calls:
 :func:`~ulysses_attn.comm.chunk_count`, agreed once per forward), and the gradient of each weight is accumulated once per
-step (the chunks share one autograd graph).
+step (the chunks share one autograd graph). Under ZeRO-3 a tiled MLP is marked a DeepSpeed "leaf"
+module (:func:`_gather_whole_under_zero3`).
 
 Works for any transformers decoder whose layers hold their feed-forward block as ``layer.mlp``
 (Llama, Qwen2/3, Mistral, Gemma 1-3, Phi-3, ...). Mixture-of-experts blocks are refused: their
@@ -16,6 +17,7 @@ router outputs are recorded per call and would be split.
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -87,8 +89,30 @@ def tile_mlp(model: torch.nn.Module, chunk_tokens: int | None = None) -> int:
         backbone.register_forward_pre_hook(tiling.agree, with_kwargs=True)
         for mlp in mlps:
             mlp.forward = functools.partial(_tiled_forward, tiling, mlp.forward)
+        _gather_whole_under_zero3(mlps)
     tiling.chunk_tokens = chunk_tokens
     return len(mlps)
+
+
+def _gather_whole_under_zero3(mlps: list[torch.nn.Module]) -> None:
+    """Mark the tiled MLPs as DeepSpeed ZeRO-3 leaf modules: their weights are gathered once per
+    MLP call instead of once per chunk and Linear. Otherwise every chunk's Linear calls enter
+    ZeRO-3's module trace, and in the second step DeepSpeed computes, for each trace position, which
+    parameters to release by walking the trace ahead (``PartitionedParameterCoordinator.
+    __params_to_release``, cached per position): on the 1B shape at 64K tokens that one-off walk
+    made the second step about 2x slower. Must run before ``deepspeed.initialize`` registers its
+    hooks; done when transformers says ZeRO-3 is on or DeepSpeed is already imported."""
+    if "deepspeed" not in sys.modules:
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+        if not is_deepspeed_zero3_enabled():
+            return
+    try:
+        from deepspeed.utils import set_z3_leaf_module
+    except ImportError:
+        return
+    for mlp in mlps:
+        set_z3_leaf_module(mlp, True)
 
 
 def _tiled_forward(tiling: _Tiling, forward, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
