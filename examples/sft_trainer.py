@@ -53,9 +53,6 @@ def tiny_model(arch: str, vocab_size: int, attn: str, seed: int):
 
 def save_log_history(trainer, output_dir: str) -> None:
     """Write the logged metrics of a finished run to output_dir/log_history.json (main process)."""
-    selective_layers, skipped_attention = selective_checkpointing(trainer.model)
-    ds_utils = sys.modules.get("deepspeed.utils")  # imported by the Trainer when DeepSpeed runs
-    zero3_leaves = len(ds_utils.get_z3_leaf_modules(trainer.model)) if ds_utils else 0
     if trainer.is_world_process_zero():
         os.makedirs(output_dir, exist_ok=True)
         with open(os.path.join(output_dir, "log_history.json"), "w") as f:

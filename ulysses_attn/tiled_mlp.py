@@ -89,7 +89,7 @@ def tile_mlp(model: torch.nn.Module, chunk_tokens: int | None = None) -> int:
         backbone.register_forward_pre_hook(tiling.agree, with_kwargs=True)
         for mlp in mlps:
             mlp.forward = functools.partial(_tiled_forward, tiling, mlp.forward)
-        _gather_whole_under_zero3(mlps)
+    _gather_whole_under_zero3(mlps)  # again on a later call: ZeRO-3 may have been configured since
     tiling.chunk_tokens = chunk_tokens
     return len(mlps)
 
