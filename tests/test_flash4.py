@@ -142,6 +142,13 @@ def test_an_fa4_with_other_internals_goes_through_its_public_function(monkeypatc
         q, k, v = _inputs()
         kernels._flash_attn(q, k, v, Layout(), causal=True, scale=0.3, dropout=0.0, window=4, softcap=None)
         assert public == [{"softmax_scale": 0.3, "causal": True, "window_size": (3, 0)}] and calls == []
+        # under selective checkpointing this FA4 cannot be kept: recomputed, and a warning says so
+        monkeypatch.setattr(kernels, "_warned", set())
+        attend = lambda q: kernels._flash_attn(q, k, v, Layout(), causal=True, scale=0.3, dropout=0.0, window=None,
+                                                softcap=None).sum()
+        with caplog.at_level(logging.WARNING, logger="ulysses_attn"):
+            checkpoint(attend, q, use_reentrant=False, context_fn=sc._context).backward()
+        assert "cannot keep the outputs of this FlashAttention-4 version" in caplog.text
     finally:
         flash4._internals.cache_clear()
 
