@@ -5,7 +5,7 @@
 set -euo pipefail
 test -f /tmp/fa4a/cu13.tar.xz.part-aa || { echo "part 1 missing: copy .fa4a/ to /tmp/fa4a in the call before" >&2; exit 3; }
 cat /tmp/fa4a/cu13.tar.xz.part-aa .fa4b/cu13.tar.xz.part-a[b-z] > /tmp/cu13.tar.xz
-(cd /tmp && sha256sum -c "$OLDPWD/.fa4b/cu13.sha256")  # the checksum names cu13.tar.xz
+(cd /tmp && sha256sum -c "$OLDPWD/.fa4b/cu13.sha256")
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl .fa4b/*.whl
 tar xJf /tmp/cu13.tar.xz -C /tmp/site
 PYTHONPATH=$PWD:/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages python3 -c \

@@ -4,6 +4,7 @@ as the plain forward, and really bound what they claim to bound."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import sys
 
@@ -308,8 +309,7 @@ def _sp_memory_worker(rank, world, tied):
     # again, with the kept attention outputs offloaded too (the default; bookkeeping only on CPU): the same step
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
-    configure_memory(model, MemoryOptions.long_sequence(loss_chunk_tokens=5, mlp_chunk_tokens=4, offload_min_bytes=0,
-                                                        selective_checkpointing=True))
+    configure_memory(model, dataclasses.replace(model._ulysses_memory, offload_attention_outputs=True))
     with CountAttentionKernels() as count_kept:
         again = model(**shard)
         again.loss.backward()

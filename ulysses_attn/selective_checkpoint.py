@@ -43,6 +43,7 @@ _ATTENTION_OPS = ("scaled_dot_product", "_flash_attention_forward", "_efficient_
 _replayed = 0
 
 
+@functools.lru_cache(maxsize=None)  # asked for every op that runs inside a checkpointed layer
 def is_attention_op(op) -> bool:
     """Whether a dispatcher op is a forward attention kernel whose outputs are kept."""
     name = str(op)
