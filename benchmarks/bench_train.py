@@ -647,6 +647,22 @@ def run_config(mode_name: str, seq: int, args, sp, state: dict) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
+def cap_gpu_memory(gib: float) -> None:
+    """Limit the caching allocator so that it and what the process holds outside it (the CUDA
+    context, NCCL) add up to ``gib``: a smaller GPU of the same kind, for "longest sequence that
+    fits" runs on a larger one. Memory taken outside the allocator later (cuDNN/NCCL growth) is
+    not counted, so the emulated GPU is slightly larger than ``gib``."""
+    free, total = torch.cuda.mem_get_info()
+    outside = total - free - torch.cuda.memory_reserved()
+    allowed = gib * 2**30 - outside
+    if allowed <= 0 or gib * 2**30 > total:
+        raise SystemExit(f"--gpu-memory-gib {gib}: the GPU has {total / 2**30:.1f} GiB, {outside / 2**30:.1f} GiB "
+                         "of it already outside the allocator")
+    torch.cuda.set_per_process_memory_fraction(allowed / total)
+    log(f"GPU memory capped at {gib} GiB: allocator limit {allowed / 2**30:.2f} GiB "
+        f"(+{outside / 2**30:.2f} GiB outside it)")
+
+
 def env_info(args) -> dict:
     import transformers
 
@@ -654,6 +670,7 @@ def env_info(args) -> dict:
         "gpu": torch.cuda.get_device_name() if DEV == "cuda" else "cpu (dry run)",
         "gpu_count": torch.cuda.device_count(),
         "gpu_mem_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if DEV == "cuda" else 0,
+        "gpu_memory_cap_gib": args.gpu_memory_gib or None,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version(),
@@ -745,6 +762,9 @@ def main() -> int:
     ap.add_argument("--memory-history", action="store_true",
                     help="record the allocator during the timed steps; report what is alive at the peak, by block size")
     ap.add_argument("--min-gpu-gib", type=float, default=0, help="skip every configuration on smaller GPUs")
+    ap.add_argument("--gpu-memory-gib", type=float, default=0,
+                    help="act as a GPU with this much memory (e.g. 79.6 for an 80 GB H100): the allocator gets "
+                         "this less what the process already holds outside it; larger configurations fail with OOM")
     ap.add_argument("--json", default=None, help="write the results here (rank 0)")
     args = ap.parse_args()
 
@@ -756,6 +776,8 @@ def main() -> int:
     else:
         dist.init_process_group("gloo")
     world = dist.get_world_size()
+    if args.gpu_memory_gib and DEV == "cuda":
+        cap_gpu_memory(args.gpu_memory_gib)
     import ulysses_attn
 
     sp_size = args.sp or world

@@ -26,6 +26,9 @@ Every case is recorded (``DIR/<check>-rank<r>.json``) and failures are collected
 raised, so one run reports everything; the exit code is 1 when any case failed.
 ``SP_CHECKS_KERNELS=flash_attn,sdpa`` checks only those kernels (``auto`` and the references still
 run). ``SP_CHECKS_DEVICE=cpu`` runs the same code on CPU/gloo (slow; a dry run of the script itself).
+``SP_CHECKS_BACKEND=gloo`` keeps CUDA but communicates through gloo, so that several ranks can share
+one GPU (rank r uses GPU r mod the GPU count): the kernels and models at P = 2/4 on a one-GPU
+machine. NCCL refuses two ranks on one GPU.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from ulysses_attn.kernels import Layout, attend, layout_from_positions
 from ulysses_attn.selective_checkpoint import replayed_attention_outputs
 
 DEVICE_TYPE = os.environ.get("SP_CHECKS_DEVICE", "cuda")
+BACKEND = os.environ.get("SP_CHECKS_BACKEND", "nccl" if DEVICE_TYPE == "cuda" else "gloo")
 FAILURES: list[str] = []
 RECORDS: list[dict] = []
 
@@ -484,16 +488,16 @@ def main() -> int:
         if not torch.cuda.is_available():
             print("CUDA is not available", file=sys.stderr)
             return 2
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     if distributed:
-        backend = "nccl" if DEVICE_TYPE == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=300),
-                                device_id=device() if DEVICE_TYPE == "cuda" else None)
+        dist.init_process_group(BACKEND, timeout=datetime.timedelta(seconds=300),
+                                device_id=device() if BACKEND == "nccl" else None)
         ulysses_attn.init_sequence_parallel(dist.get_world_size())
     elif any(c != "kernels" for c in args.checks):
         print("comm/models need torchrun (WORLD_SIZE unset)", file=sys.stderr)
         return 2
     info = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if DEVICE_TYPE == "cuda" else "cpu",
+            "backend": BACKEND if distributed else None,
             "world": dist.get_world_size() if distributed else 1}
     import transformers
 

@@ -1,6 +1,7 @@
 """GPU tests: run tests/gpu/sp_checks.py on CUDA (one process, torchrun with 1, 2 and 4 GPUs).
 
-Skipped without CUDA (CPU CI) and when the machine has fewer GPUs than a test needs. On the GPU
+Skipped without CUDA (CPU CI) and when the machine has fewer GPUs than a test needs; SP = 2 also runs
+with both ranks on one GPU (gloo). On the GPU
 machine: ``pytest tests/gpu -v`` (each torchrun is one subprocess; its log is printed on failure
 and its JSON records land in ``$SP_CHECKS_OUT`` when set).
 """
@@ -27,9 +28,9 @@ SCRIPT = HERE / "sp_checks.py"
 ROOT = HERE.parent.parent
 
 
-def _run(cmd: list[str], tmp_path: Path, timeout: int = 900) -> None:
+def _run(cmd: list[str], tmp_path: Path, timeout: int = 900, **extra_env: str) -> None:
     out = Path(os.environ.get("SP_CHECKS_OUT", tmp_path))
-    env = dict(os.environ)
+    env = dict(os.environ, **extra_env)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.setdefault("NCCL_NVLS_ENABLE", "0")  # keep NVLink multicast off
     env.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
@@ -55,6 +56,13 @@ def test_sequence_parallel_nccl(nproc, tmp_path):
         pytest.skip(f"needs {nproc} GPUs, found {torch.cuda.device_count()}")
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), str(SCRIPT),
           "comm", "models", "memory"], tmp_path)
+
+
+def test_sequence_parallel_ranks_sharing_one_gpu(tmp_path):
+    # P = 2 on GPU 0 through gloo (NCCL refuses two ranks on one GPU): the CUDA kernels under SP on a
+    # one-GPU machine; the NCCL transport itself is test_sequence_parallel_nccl's
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
+          "models", "memory"], tmp_path, SP_CHECKS_BACKEND="gloo", CUDA_VISIBLE_DEVICES="0")
 
 
 def test_models_on_one_gpu(tmp_path):
