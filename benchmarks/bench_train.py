@@ -34,7 +34,8 @@ ulysses: ``ulysses_attn.configure_memory(model, MemoryOptions.long_sequence())``
 through the model's forward, tiled MLP, checkpoint offload to pinned host memory); alst:
 DeepSpeed's ``TiledMLP`` patched into every MLP forward as its docstring shows, its
 ``TiledFusedLogitsLoss`` for the loss (shards of about 1 GiB of fp32 logits, as ArcticTraining
-sizes them) and ``CheckpointHiddenStatesOffload`` around forward and backward; sdpa: ours without
+sizes them; the loss is scaled inside it, because it computes lm_head's gradient in its forward for
+an upstream gradient of 1) and ``CheckpointHiddenStatesOffload`` around forward and backward; sdpa: ours without
 the chunked loss (its per-sample loss stays the script's tiled loss). The loss is a
 token-weighted cross-entropy over the full sequence, computed in checkpointed chunks of
 ``--loss-chunk`` tokens (the logits are never materialised for the whole shard) and summed over
@@ -46,7 +47,8 @@ model TFLOP/s per GPU = (6*N_matmul*S + 6*L*S^2*H*D) / P / step_time (causal att
 recompute counted), peak memory per GPU (max over ranks), the share of the step spent in
 all-to-all (CUDA events around every ``torch.distributed.all_to_all_single``; includes waiting
 for the peer), the gradient all-reduce time, and the attention kernel (ulysses' own choice, and
-the CUDA attention kernels a profiled extra step ran).
+the CUDA attention kernels a profiled extra step ran), and ``first_grad_norms``: the norms of a few
+parameters' gradients after the first backward, equal across modes that compute the same thing.
 """
 
 from __future__ import annotations
@@ -284,13 +286,15 @@ def alst_tile_mlps(model) -> None:
         layer.mlp.forward = types.MethodType(tiled_mlp_forward, layer.mlp)
 
 
-def alst_loss_sum(hidden, lm_head, shift_labels):
-    """Sum of the token cross-entropies through DeepSpeed's TiledFusedLogitsLoss."""
+def alst_loss_sum(hidden, lm_head, shift_labels, scale=1.0):
+    """``scale`` times the sum of the token cross-entropies, through DeepSpeed's TiledFusedLogitsLoss.
+    Its lm_head gradient is right only where the gradient arriving at its output is 1."""
     from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledFusedLogitsLoss
 
     def loss_fn(head, x, y):
         logits = head(x).float()
-        return F.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1), ignore_index=-100, reduction="sum")
+        return scale * F.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1), ignore_index=-100,
+                                       reduction="sum")
 
     from ulysses_attn.loss import default_loss_chunk_tokens
 
@@ -325,13 +329,17 @@ def loss_for(mode: Mode, model, batch, args):
         return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                      shift_labels=batch["shift_labels"]).loss
     out = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
-    if args.long_sequence and mode.name == "alst":
-        local = alst_loss_sum(out.last_hidden_state, model.lm_head, batch["shift_labels"])
-    else:
-        local = tiled_loss_sum(out.last_hidden_state, model.lm_head, batch["shift_labels"], args.loss_chunk)
     count = (batch["shift_labels"] != -100).sum().float()
     if mode.P > 1:
         dist.all_reduce(count, group=mode.group)
+    if args.long_sequence and mode.name == "alst":
+        # TiledFusedLogitsLoss computes lm_head's gradient in its forward, for an upstream gradient
+        # of 1; dividing by the tokens after it (ArcticTraining's recipe) leaves that gradient
+        # count / P times too large. Scaled inside, the gradient reaching it is exactly 1.
+        local = alst_loss_sum(out.last_hidden_state, model.lm_head, batch["shift_labels"], scale=mode.P / count)
+        return all_reduce_sum(local, mode.group) / mode.P if mode.P > 1 else local
+    local = tiled_loss_sum(out.last_hidden_state, model.lm_head, batch["shift_labels"], args.loss_chunk)
+    if mode.P > 1:
         local = all_reduce_sum(local, mode.group)
     return local / count
 
@@ -350,6 +358,23 @@ def sync_grads(model, world: int) -> None:
     for p in model.parameters():
         if p.grad is not None:
             dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+
+
+def grad_norms(model, engine) -> dict[str, float]:
+    """Norms of a few parameters' gradients (whole, also under ZeRO-3): the same in every mode when
+    they compute the same thing. Called after the first backward, on every rank (ZeRO-3 gathers)."""
+    inner = model.model
+    params = {"lm_head": model.lm_head.weight, "embed_tokens": inner.embed_tokens.weight,
+              "layer0.q_proj": inner.layers[0].self_attn.q_proj.weight,
+              "layer0.down_proj": inner.layers[0].mlp.down_proj.weight,
+              "last.up_proj": inner.layers[-1].mlp.up_proj.weight}
+    if engine is not None:
+        from deepspeed.utils import safe_get_full_grad
+
+        grads = {k: safe_get_full_grad(p) for k, p in params.items()}
+    else:
+        grads = {k: p.grad for k, p in params.items()}
+    return {k: None if g is None else float(g.float().norm()) for k, g in grads.items()}
 
 
 def release_zero3_references() -> None:
@@ -536,7 +561,7 @@ def run_config(mode_name: str, seq: int, args, sp, state: dict) -> dict:
     sample_seed = 1234 + (rank if mode.P == 1 else rank // mode.P)
     full = make_batch(cfg.vocab_size, seq, sample_seed)
     batch = shard(mode, full, sp)
-    losses = []
+    losses, first_grads = [], {}
 
     def step():
         ev = _Ev()
@@ -547,11 +572,15 @@ def run_config(mode_name: str, seq: int, args, sp, state: dict) -> dict:
             else:
                 loss.backward()
         if engine is not None:
+            if not first_grads:
+                first_grads.update(grad_norms(model, engine))
             engine.step()
         else:
             ev.start()
             sync_grads(model, world)
             ev.stop()
+            if not first_grads:
+                first_grads.update(grad_norms(model, None))
             opt.step()
             opt.zero_grad(set_to_none=True)
         losses.append(loss.detach())
@@ -630,6 +659,7 @@ def run_config(mode_name: str, seq: int, args, sp, state: dict) -> dict:
         "grad_allreduce_ms": round(tmean[4].item(), 2),
         "loss_path": loss_path,
         "loss_first_last": [round(losses[0].item(), 4), round(losses[-1].item(), 4)],
+        "first_grad_norms": {k: v if v is None else float(f"{v:.6g}") for k, v in first_grads.items()},
         "N_matmul": N,
         "attn_flop_share": round(6 * L * seq * seq * H * D / flops, 3),
         "ulysses_kernel": used,
@@ -851,7 +881,7 @@ def main() -> int:
         f"deepspeed {info['deepspeed']}, commit {info['git_commit'][:10]}")
     log(table(results))
     ours = {k for r in results if r.get("mode", "").startswith("ulysses") for k in r.get("ulysses_kernel", [])}
-    if any(r.get("mode") == "alst" and "error" not in r for r in results) and ours != {SAME_KERNEL[args.alst_attn]}:
+    if ours and any(r.get("mode") == "alst" and "error" not in r for r in results) and ours != {SAME_KERNEL[args.alst_attn]}:
         log(f"note: ulysses ran {sorted(ours)}, ALST {args.alst_attn}: not the same inner kernel "
             f"(--kernel / --alst-attn pick them)")
     ulysses_attn.destroy_sequence_parallel()

@@ -1,6 +1,7 @@
 """The benchmark script's CPU dry run (gloo, tiny model): every configuration runs, and within one
 process later configurations start from the same model and loss as the first (no ZeRO-3 leftovers);
-selective checkpointing's recomputes skip the attention kernels."""
+ours and ALST compute the same gradients; selective checkpointing's recomputes skip the attention
+kernels."""
 
 from __future__ import annotations
 
@@ -32,6 +33,14 @@ def test_bench_train_zero3_dry_run_configurations_do_not_leak(tmp_path):
     for seq in (128, 256):  # the same initial weights and data for both: no model built under zero.Init
         assert first[("ulysses", seq)] == pytest.approx(first[("alst", seq)], rel=1e-5)
         assert first[("ulysses+selective", seq)] == pytest.approx(first[("alst", seq)], rel=1e-5)
+    # the same gradients in every mode, lm_head included: ALST's TiledFusedLogitsLoss gets the loss
+    # scaled inside (dividing after it left lm_head's gradient count / P = 64-128x too large)
+    for r in results:
+        ref = next(x for x in results if x["mode"] == "ulysses" and x["seq"] == r["seq"])["first_grad_norms"]
+        assert set(r["first_grad_norms"]) == {"lm_head", "embed_tokens", "layer0.q_proj", "layer0.down_proj",
+                                              "last.up_proj"}
+        for name, norm in r["first_grad_norms"].items():
+            assert norm == pytest.approx(ref[name], rel=2e-3), (r["mode"], r["seq"], name)
     # selective checkpointing under ZeRO-3: each of the 2 layers' recompute skipped its attention kernel
     assert [r["attention_replayed_per_step"] for r in results] == [0, 0, 2, 2, 0, 0]
     assert all(r["P"] == 2 and r["zero"] == 3 for r in results)
