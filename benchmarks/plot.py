@@ -3,7 +3,9 @@
     python benchmarks/plot.py            # writes docs/img/*.png (needs matplotlib)
 
 Each figure names the GPU from the JSON's ``info.gpu`` and plots tokens/s per GPU and peak memory
-per GPU against the sequence length, one line per mode; failed configurations are left out.
+per GPU against the sequence length, one line per mode; configurations that ran out of memory are
+drawn as crosses at the GPU's memory (``--gpu-memory-gib`` where it was capped), other failures
+are left out.
 """
 
 from __future__ import annotations
@@ -44,6 +46,23 @@ FIGURES = {
                "ulysses+selective+offload": "ulysses_attn long_sequence + selective, kept outputs offloaded",
                "alst": "ALST TiledMLP + TiledFusedLogitsLoss + offload (attention: flash_attention_4)"},
     ),
+    "zero3_8b_sp2": dict(
+        title="Llama-3.1-8B shape, SP 2, ZeRO-3, long-sequence memory features",
+        files=["2026-11-29_h200x2_8b_p2_zero3_long_sequence_64k.json",
+               "2026-11-29_h200x2_8b_p2_zero3_long_sequence_128k.json"],
+        modes={"ulysses": "ulysses_attn long_sequence",
+               "ulysses+selective+offload": "ulysses_attn long_sequence + selective, kept outputs offloaded",
+               "alst": "ALST TiledMLP + TiledFusedLogitsLoss + offload"},
+    ),
+    "as_80gb_8b": dict(
+        title="Llama-3.1-8B shape, P = 1, one GPU capped at 79.6 GiB (an 80 GB H100's memory)",
+        files=["2026-11-29_h200_8b_p1_fa4_as_80gb_ours.json",
+               "2026-11-29_h200_8b_p1_fa4_as_80gb_ours_selective_offload.json",
+               "2026-11-29_h200_8b_p1_fa4_as_80gb_alst_fa4.json"],
+        modes={"ulysses": "ulysses_attn long_sequence (FA4)",
+               "ulysses+selective+offload": "ulysses_attn long_sequence + selective, offloaded (FA4)",
+               "alst": "ALST TiledMLP + TiledFusedLogitsLoss + offload (FA4)"},
+    ),
     "long_sequence_8b": dict(
         title="Llama-3.1-8B shape, one GPU, long-sequence memory features",
         files=["2026-11-29_h200_8b_p1_long_sequence_32k-64k.json", "2026-11-29_h200_8b_p1_fa4_long_sequence_64k.json"],
@@ -52,16 +71,19 @@ FIGURES = {
 }
 
 
-def load(files: list[str]) -> tuple[str, dict[str, list[tuple[int, float, float]]]]:
-    gpus, lines = set(), defaultdict(dict)
+def load(files: list[str]) -> tuple[str, dict[str, list[tuple[int, float, float]]], dict[str, list[tuple[int, float]]]]:
+    gpus, lines, oom = set(), defaultdict(dict), defaultdict(dict)
     for name in files:
         data = json.loads((RESULTS / name).read_text())
-        gpus.add(f"{data['info']['gpu']} x{data['info'].get('gpu_count', '?')}")
+        info = data["info"]
+        gpus.add(f"{info['gpu']} x{info.get('gpu_count', '?')}")
         for r in data["results"]:
             if "error" not in r:  # a later file's run of the same point replaces an earlier one
                 lines[r["mode"]][r["seq"]] = (r["tokens_per_s_per_gpu"], r["peak_mem_gib"])
+            elif r["error"].startswith("OOM"):
+                oom[r["mode"]][r["seq"]] = info.get("gpu_memory_cap_gib") or info.get("gpu_mem_gib")
     series = {m: sorted((s, *v) for s, v in pts.items()) for m, pts in lines.items()}
-    return ", ".join(sorted(gpus)), series
+    return ", ".join(sorted(gpus)), series, {m: sorted(pts.items()) for m, pts in oom.items()}
 
 
 def plot(key: str, spec: dict, out: Path) -> Path:
@@ -70,17 +92,26 @@ def plot(key: str, spec: dict, out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    gpu, series = load(spec["files"])
+    gpu, series, oom = load(spec["files"])
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.6))
     ticks = set()
     for mode, label in spec["modes"].items():
-        if mode not in series:
+        if mode not in series and mode not in oom:
             continue
-        seq, tok, mem = zip(*series[mode])
-        kk = [s // 1024 for s in seq]
-        ticks.update(kk)
-        ax_t.plot(kk, tok, marker="o", label=label)
-        ax_m.plot(kk, mem, marker="o", label=label)
+        color = None
+        if mode in series:
+            seq, tok, mem = zip(*series[mode])
+            kk = [s // 1024 for s in seq]
+            ticks.update(kk)
+            ax_t.plot(kk, tok, marker="o", label=label)
+            color = ax_m.plot(kk, mem, marker="o", label=label)[0].get_color()
+        if mode in oom:
+            kk, mem = zip(*((s // 1024, m) for s, m in oom[mode]))
+            ticks.update(kk)
+            ax_m.plot(kk, mem, "x", color=color, markersize=9, mew=2,
+                      label=None if mode in series else label)
+    if oom:
+        ax_m.plot([], [], "x", color="gray", label="out of memory")
     for ax, ylabel in ((ax_t, "tokens/s per GPU"), (ax_m, "peak memory per GPU (GiB)")):
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted(ticks), [str(k) for k in sorted(ticks)])
@@ -88,7 +119,7 @@ def plot(key: str, spec: dict, out: Path) -> Path:
         ax.set_xlabel("sequence length (K tokens)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    fig.legend(*ax_t.get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.legend(*ax_m.get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=8, frameon=False)
     fig.suptitle(f"{spec['title']} -- {gpu}", fontsize=10)
     fig.tight_layout(rect=(0, 0.14, 1, 1))
     path = out / f"{key}.png"
