@@ -362,19 +362,23 @@ def sync_grads(model, world: int) -> None:
 
 def grad_norms(model, engine) -> dict[str, float]:
     """Norms of a few parameters' gradients (whole, also under ZeRO-3): the same in every mode when
-    they compute the same thing. Called after the first backward, on every rank (ZeRO-3 gathers)."""
+    they compute the same thing. Called after the first backward, on every rank; nothing the size
+    of a gradient is allocated (no gather, no fp32 copy), so it cannot push a run near the memory
+    limit over it."""
     inner = model.model
     params = {"lm_head": model.lm_head.weight, "embed_tokens": inner.embed_tokens.weight,
               "layer0.q_proj": inner.layers[0].self_attn.q_proj.weight,
               "layer0.down_proj": inner.layers[0].mlp.down_proj.weight,
               "last.up_proj": inner.layers[-1].mlp.up_proj.weight}
-    if engine is not None:
-        from deepspeed.utils import safe_get_full_grad
+    if engine is None:
+        return {k: float(torch.linalg.vector_norm(p.grad, dtype=torch.float32)) for k, p in params.items()}
+    from deepspeed.utils import safe_get_local_grad
 
-        grads = {k: safe_get_full_grad(p) for k, p in params.items()}
-    else:
-        grads = {k: p.grad for k, p in params.items()}
-    return {k: None if g is None else float(g.float().norm()) for k, g in grads.items()}
+    # each rank holds a partition of every gradient: sum the squares over the world
+    squares = torch.stack([torch.linalg.vector_norm(safe_get_local_grad(p), dtype=torch.float32) ** 2
+                           for p in params.values()])
+    dist.all_reduce(squares)
+    return {k: float(v) for k, v in zip(params, squares.sqrt().tolist())}
 
 
 def release_zero3_references() -> None:
@@ -659,7 +663,7 @@ def run_config(mode_name: str, seq: int, args, sp, state: dict) -> dict:
         "grad_allreduce_ms": round(tmean[4].item(), 2),
         "loss_path": loss_path,
         "loss_first_last": [round(losses[0].item(), 4), round(losses[-1].item(), 4)],
-        "first_grad_norms": {k: v if v is None else float(f"{v:.6g}") for k, v in first_grads.items()},
+        "first_grad_norms": {k: float(f"{v:.6g}") for k, v in first_grads.items()},
         "N_matmul": N,
         "attn_flop_share": round(6 * L * seq * seq * H * D / flops, 3),
         "ulysses_kernel": used,
