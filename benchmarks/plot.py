@@ -18,10 +18,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 
-LONG_SEQUENCE_MODES = {"ulysses": "ulysses_attn long_sequence",
-                       "ulysses+selective": "ulysses_attn long_sequence + selective",
-                       "alst": "ALST TiledMLP + TiledFusedLogitsLoss + offload",
-                       "ulysses@flash_attn": "ulysses_attn long_sequence, FlashAttention-4 (separate runs)"}
+OURS = "ulysses_attn long_sequence"
+OURS_SELECTIVE = OURS + " + selective"
+OURS_SELECTIVE_OFFLOAD = OURS + " + selective, kept outputs offloaded"
+ALST = "ALST TiledMLP + TiledFusedLogitsLoss + offload"
+LONG_SEQUENCE_MODES = {"ulysses": OURS, "ulysses+selective": OURS_SELECTIVE, "alst": ALST,
+                       "ulysses@flash_attn": OURS + ", FlashAttention-4 (separate runs)"}
+
+
+def long_sequence_modes(suffix: str = "", alst_suffix: str = "") -> dict[str, str]:
+    """Labels of the long-sequence comparisons: ours plain, + selective (offloaded), ALST."""
+    return {"ulysses": OURS + suffix, "ulysses+selective": OURS_SELECTIVE + suffix,
+            "ulysses+selective+offload": OURS_SELECTIVE_OFFLOAD + suffix, "alst": ALST + (alst_suffix or suffix)}
+
 
 FIGURES = {
     "sp2_1b": dict(
@@ -41,27 +50,20 @@ FIGURES = {
         title="Llama-3.2-1B shape, one GPU, FlashAttention-4 on both sides",
         files=["2026-11-29_h200_1b_p1_fa4_selective_vs_alst_fa4_64k.json",
                "2026-11-29_h200_1b_p1_fa4_selective_vs_alst_fa4_128k.json"],
-        modes={"ulysses": "ulysses_attn long_sequence",
-               "ulysses+selective": "ulysses_attn long_sequence + selective",
-               "ulysses+selective+offload": "ulysses_attn long_sequence + selective, kept outputs offloaded",
-               "alst": "ALST TiledMLP + TiledFusedLogitsLoss + offload (attention: flash_attention_4)"},
+        modes=long_sequence_modes(alst_suffix=" (attention: flash_attention_4)"),
     ),
     "zero3_8b_sp2": dict(
         title="Llama-3.1-8B shape, SP 2, ZeRO-3, long-sequence memory features",
         files=["2026-11-29_h200x2_8b_p2_zero3_long_sequence_64k.json",
                "2026-11-29_h200x2_8b_p2_zero3_long_sequence_128k.json"],
-        modes={"ulysses": "ulysses_attn long_sequence",
-               "ulysses+selective+offload": "ulysses_attn long_sequence + selective, kept outputs offloaded",
-               "alst": "ALST TiledMLP + TiledFusedLogitsLoss + offload"},
+        modes=long_sequence_modes(),
     ),
     "as_80gb_8b": dict(
         title="Llama-3.1-8B shape, P = 1, one GPU capped at 79.6 GiB (an 80 GB H100's memory)",
         files=["2026-11-29_h200_8b_p1_fa4_as_80gb_ours.json",
                "2026-11-29_h200_8b_p1_fa4_as_80gb_ours_selective_offload.json",
                "2026-11-29_h200_8b_p1_fa4_as_80gb_alst_fa4.json"],
-        modes={"ulysses": "ulysses_attn long_sequence (FA4)",
-               "ulysses+selective+offload": "ulysses_attn long_sequence + selective, offloaded (FA4)",
-               "alst": "ALST TiledMLP + TiledFusedLogitsLoss + offload (FA4)"},
+        modes=long_sequence_modes(" (FA4)"),
     ),
     "long_sequence_8b": dict(
         title="Llama-3.1-8B shape, one GPU, long-sequence memory features",
