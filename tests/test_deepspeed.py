@@ -48,6 +48,14 @@ def test_zero2_sp_size_from_config_equals_plain(tmp_path, baselines):
     assert_same(sp_run, baselines("plain", extra=["--eval"]), 2)
 
 
+def test_zero2_all_reduce_instead_of_reduce_scatter_equals_plain(tmp_path, baselines):
+    # reduce_scatter off: ZeRO-2 averages the gradients by all-reduce, a separate path with its own
+    # scaling (the mission notes saw ALST's gradient scale flip with this option)
+    config = ds_config(tmp_path, Z2, zero_optimization={"reduce_scatter": False})
+    sp_run = run_example(tmp_path / "sp", nproc=2, sp="config", deepspeed_config=config, extra=["--eval"])
+    assert_same(sp_run, baselines("plain", extra=["--eval"]), 2)
+
+
 def test_zero3_sp2_times_dp2_equals_ddp2(tmp_path, baselines):
     sp_run = run_example(tmp_path / "sp", nproc=4, sp="config", deepspeed_config=Z3, extra=["--eval"])
     assert sp_run[0]["world_size"] == 4
