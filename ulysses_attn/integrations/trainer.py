@@ -197,9 +197,7 @@ def attach(trainer, sp: SequenceParallel | None = None) -> None:
         return loader
 
     trainer.accelerator.prepare_data_loader = _prepare_data_loader
-    trainer.accelerator.gather_for_metrics = functools.partial(
-        _gather_for_metrics, trainer.accelerator, sp, sharded_inputs
-    )
+    install_metrics_gather(trainer.accelerator, sp, sharded_inputs)
     trainer.gather_function = trainer.accelerator.gather_for_metrics
     trainer._ulysses_sp = sp
 
@@ -230,6 +228,37 @@ def shard_over_dp_groups(loader, sp: SequenceParallel) -> None:
             obj.num_processes, obj.process_index = sp.dp_size, sp.dp_rank
 
 
+def install_metrics_gather(accelerator, sp: SequenceParallel, sharded_inputs: bool) -> None:
+    """Route the evaluation loop's ``pad_across_processes`` + ``gather_for_metrics`` through SP.
+
+    The loop pads per-token tensors to the longest over the world, then gathers. With sharded
+    inputs that padding would land on each shard, i.e. inside the re-assembled sequence when DP
+    groups hold different lengths; so sequence-dim padding is deferred to the gather, which pads
+    whole sequences at their end."""
+    if sharded_inputs:
+        pad_across_processes = accelerator.pad_across_processes
+
+        @functools.wraps(pad_across_processes)
+        def _pad_across_processes(tensor, dim=0, pad_index=0, pad_first=False):
+            if dim == 1 and not pad_first:
+                return tensor
+            return pad_across_processes(tensor, dim=dim, pad_index=pad_index, pad_first=pad_first)
+
+        accelerator.pad_across_processes = _pad_across_processes
+    accelerator.gather_for_metrics = functools.partial(_gather_for_metrics, accelerator, sp, sharded_inputs)
+
+
+def _pad_to_longest(t: torch.Tensor, group, dim: int, value: int) -> torch.Tensor:
+    """``t`` padded at the end of ``dim`` with ``value`` to the longest over ``group``."""
+    longest = torch.tensor([t.shape[dim]], device=t.device)
+    dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=group)
+    missing = int(longest.item()) - t.shape[dim]
+    if missing == 0:
+        return t
+    pad = t.new_full((*t.shape[:dim], missing, *t.shape[dim + 1:]), value)
+    return torch.cat([t, pad], dim=dim)
+
+
 def _gather_for_metrics(
     accelerator, sp: SequenceParallel, sharded_inputs: bool, input_data, use_gather_object: bool = False
 ):
@@ -239,7 +268,9 @@ def _gather_for_metrics(
     re-assembled along the sequence (TRL's fused trainers already hold whole sequences) and per-sample values (``dim <= 1``: losses) are averaged -- each rank's loss is
     its shard's share of the sample's loss (``num_items_in_batch`` convention) or already the full
     value. The result is then gathered over the DP group exactly as a run without SP on
-    ``dp_size`` processes gathers it, dropping the duplicated tail of the last batch likewise.
+    ``dp_size`` processes gathers it (re-assembled sequences padded at their end with -100 to the
+    longest over the DP group, as the evaluation loop pads them without SP), dropping the
+    duplicated tail of the last batch likewise.
     """
     from accelerate.utils import recursively_apply
 
@@ -252,6 +283,8 @@ def _gather_for_metrics(
         if t.dim() >= 2:
             if sharded_inputs:
                 t = all_gather_seq(t, sp.group, dim=1)
+                if sp.dp_size > 1:
+                    t = _pad_to_longest(t, sp.dp_group, dim=1, value=-100)
         else:
             t = t.reshape(-1).clone()
             dist.all_reduce(t, group=sp.group)
