@@ -97,6 +97,22 @@ def test_offloader_copies_a_tensor_saved_twice_once_and_keeps_the_tail():
     torch.testing.assert_close(x.grad, 4 * x.detach() ** 3)
 
 
+def test_offload_two_forwards_then_one_backward():
+    # each forward starts a new record list; the backward of the first must use its own records
+    # (here the second forward's inputs stay below offload_min_bytes: it has none)
+    ref = build("llama", REFERENCE_ATTN["llama"])
+    model = copy.deepcopy(ref)
+    configure_memory(model, MemoryOptions.long_sequence(offload_min_bytes=64 * HIDDEN * 4))
+    model.gradient_checkpointing_enable()
+    model.train()
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(1, VOCAB, (1, n), generator=gen) for n in (64, 8)]
+    sum(ref(input_ids=ids, labels=ids).loss for ids in batches).backward()
+    sum(model(input_ids=ids, labels=ids).loss for ids in batches).backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert ((p.grad - q.grad).norm() / q.grad.norm()).item() < 1e-5, name
+
+
 def test_fused_linear_cross_entropy_equals_plain_under_loss_scaling():
     from ulysses_attn.fused_cross_entropy import linear_cross_entropy_sum
 

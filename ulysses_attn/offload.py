@@ -44,10 +44,14 @@ def active_offloader() -> "CheckpointOffloader | None":
 
 
 class _Offloaded:
-    __slots__ = ("index", "device", "host", "device_copy", "ready", "uses")
+    # ``records``: the list of the forward that saved it (a second forward before this one's
+    # backward starts a new list), ``index``: its place there
+    __slots__ = ("records", "index", "device", "host", "device_copy", "ready", "uses")
 
-    def __init__(self, index: int, device: torch.device, host: torch.Tensor, ready):
-        self.index, self.device, self.host, self.ready = index, device, host, ready
+    def __init__(self, records: list, device: torch.device, host: torch.Tensor, ready):
+        self.records, self.index = records, len(records)
+        self.device, self.host, self.ready = device, host, ready
+        records.append(self)
         self.device_copy = None
         self.uses = 1
 
@@ -112,7 +116,7 @@ class CheckpointOffloader(torch.autograd.graph.saved_tensors_hooks):
         self.offloaded_bytes += tensor.numel() * tensor.element_size()
         if tensor.device.type != "cuda":
             # nowhere cheaper to go; kept as is so the same bookkeeping runs (and is tested) on CPU
-            record = _Offloaded(len(self._records), tensor.device, tensor, None)
+            record = _Offloaded(self._records, tensor.device, tensor, None)
         else:
             stream = self._side_stream(tensor.device)
             stream.wait_stream(torch.cuda.current_stream(tensor.device))
@@ -124,8 +128,7 @@ class CheckpointOffloader(torch.autograd.graph.saved_tensors_hooks):
                 tensor.record_stream(stream)
                 ready = torch.cuda.Event()
                 ready.record(stream)
-            record = _Offloaded(len(self._records), tensor.device, host, ready)
-        self._records.append(record)
+            record = _Offloaded(self._records, tensor.device, host, ready)
         return record
 
     def _fetch(self, record: _Offloaded) -> None:
@@ -141,25 +144,25 @@ class CheckpointOffloader(torch.autograd.graph.saved_tensors_hooks):
             record.ready = torch.cuda.Event()
             record.ready.record(stream)
 
-    def _prefetch_before(self, index: int) -> None:
+    def _prefetch_before(self, record: _Offloaded) -> None:
         """The backward reaches the checkpointed layers in reverse order: start copying the
-        closest earlier record that is still on the host."""
-        for j in range(index - 1, -1, -1):
-            record = self._records[j]
-            if record is not None and record.device_copy is None:
-                self._fetch(record)
+        closest earlier record of the same forward that is still on the host."""
+        for j in range(record.index - 1, -1, -1):
+            earlier = record.records[j]
+            if earlier is not None and earlier.device_copy is None:
+                self._fetch(earlier)
                 return
 
     def _unpack(self, packed):
         if not isinstance(packed, _Offloaded):
             return packed
         self._fetch(packed)
-        self._prefetch_before(packed.index)
+        self._prefetch_before(packed)
         tensor = packed.device_copy
         packed.uses -= 1
         if packed.uses == 0:  # the last layer that saved it has unpacked it
             packed.device_copy = None
-            self._records[packed.index] = None
+            packed.records[packed.index] = None
         if packed.device.type == "cuda":
             current = torch.cuda.current_stream(packed.device)
             current.wait_event(packed.ready)
