@@ -379,6 +379,18 @@ def test_attend_dispatch_on_cpu():
     assert not torch.allclose(kernels.attend(q, k, v, dense, window=7), kernels.attend(q, k, v, dense))
 
 
+@pytest.mark.parametrize("module,with_dropout", [("flash_attn", "flash_attn"), ("flash_attn_interface", "sdpa"),
+                                                  ("flash_attn.cute", "sdpa")])
+def test_attention_dropout_skips_flashattention_without_it(monkeypatch, module, with_dropout):
+    # FA3/FA4 have no attention dropout: the automatic choice moves on instead of picking a kernel that raises
+    import types
+
+    monkeypatch.setattr(kernels, "_flash_module_on", lambda device: types.ModuleType(module))
+    cuda = torch.device("cuda")
+    assert kernels.choose_kernel(cuda, Layout()) == "flash_attn"
+    assert kernels.choose_kernel(cuda, Layout(), dropout=0.1) == with_dropout
+
+
 def test_flash_module_is_told_apart_by_distribution(tmp_path, monkeypatch):
     # flash-attn-4 installs flash_attn/cute without flash_attn/__init__.py: "import flash_attn" then
     # finds a namespace package without flash_attn_func, which must not pass for FA2

@@ -274,7 +274,7 @@ class Kernel:
     dense_only: bool = False
     window: bool = True
     softcap: bool = True
-    dropout: bool = True
+    dropout: Callable[[torch.device], bool] = lambda device: True  # attention dropout on this device
 
 
 def _has_torch_varlen(device: torch.device) -> bool:
@@ -282,9 +282,9 @@ def _has_torch_varlen(device: torch.device) -> bool:
 
 
 KERNELS: dict[str, Kernel] = {
-    "flash_attn": Kernel(_flash_attn, lambda d: flash_version(d) is not None),
+    "flash_attn": Kernel(_flash_attn, lambda d: flash_version(d) is not None, dropout=lambda d: flash_version(d) == "fa2"),
     "sdpa": Kernel(_sdpa, lambda d: True, dense_only=True, window=False, softcap=False),
-    "torch_varlen": Kernel(_torch_varlen, _has_torch_varlen, softcap=False, dropout=False),
+    "torch_varlen": Kernel(_torch_varlen, _has_torch_varlen, softcap=False, dropout=lambda d: False),
     "reference": Kernel(_reference, lambda d: True),
 }
 
@@ -306,12 +306,12 @@ def available_kernels(device: torch.device | str = "cuda") -> list[str]:
     return [name for name, k in KERNELS.items() if k.available(device)]
 
 
-def _supports(k: Kernel, layout: Layout, window, softcap, dropout) -> bool:
+def _supports(k: Kernel, layout: Layout, window, softcap, dropout, device: torch.device | None = None) -> bool:
     return (
         (layout.dense or not k.dense_only)
         and (not window or k.window)
         and (not softcap or k.softcap)
-        and (not dropout or k.dropout)
+        and (not dropout or k.dropout(device))
     )
 
 
@@ -323,7 +323,7 @@ def choose_kernel(device: torch.device, layout: Layout, window=None, softcap=Non
         k = KERNELS[forced]
         if not k.available(device):
             raise RuntimeError(f"Attention kernel {forced!r} is not available on {device}.")
-        if not _supports(k, layout, window, softcap, dropout):
+        if not _supports(k, layout, window, softcap, dropout, device):
             raise ValueError(
                 f"Attention kernel {forced!r} cannot run this call (packed/padded={not layout.dense}, "
                 f"sliding_window={window}, softcap={softcap}, dropout={dropout}); unset the forced kernel."
@@ -332,7 +332,7 @@ def choose_kernel(device: torch.device, layout: Layout, window=None, softcap=Non
     order = ["flash_attn", "sdpa", "torch_varlen", "reference"] if device.type == "cuda" else ["sdpa", "reference"]
     for name in order:
         k = KERNELS[name]
-        if k.available(device) and _supports(k, layout, window, softcap, dropout):
+        if k.available(device) and _supports(k, layout, window, softcap, dropout, device):
             return name
     return "reference"
 
