@@ -736,3 +736,18 @@ def test_single_process_generation_matches_sdpa():
     assert torch.equal(got.sequences, want.sequences)
     for a, b in zip(got.scores, want.scores):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_layout_computed_once_per_mask_per_forward(monkeypatch):
+    # Gemma 2 alternates sliding and full layers, which receive two different masks: both layouts
+    # stay cached for the forward (a miss costs collectives under SP)
+    import ulysses_attn.attention as attention
+
+    calls = []
+    local_layout = attention._local_layout
+    monkeypatch.setattr(attention, "_local_layout", lambda *a: calls.append(1) or local_layout(*a))
+    model = build("gemma2", "ulysses_flash", num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2)
+    batch, _ = _parity_batch("right_padded")
+    with torch.no_grad():
+        model(**batch)
+    assert len(calls) == 2

@@ -110,29 +110,35 @@ def kv_replication(num_heads: int, num_kv_heads: int, sp_size: int) -> int:
 
 
 class _LayoutCache:
-    """Holds the layout of the current forward: the model passes the same ``position_ids`` /
+    """Holds the layouts of the current forward: the model passes the same ``position_ids`` /
     ``attention_mask`` tensors to every layer, so their identity keys the cache (recomputed
-    layers under gradient checkpointing hit it too)."""
+    layers under gradient checkpointing hit it too). Models with sliding-window layers (Gemma 2,
+    Qwen2, Mistral) pass two masks in turn, hence a few entries; a miss costs collectives under
+    SP, and every rank of a group makes the same calls, so they hit and miss alike."""
+
+    SIZE = 4
 
     def __init__(self):
-        self.refs: tuple = ()
-        self.meta: tuple = ()
-        self.layout: Layout | None = None
+        self.entries: list[tuple[tuple, tuple, Layout]] = []  # (weakrefs, meta, layout), newest last
 
     @staticmethod
     def _refs(tensors):
         return tuple(None if t is None else weakref.ref(t) for t in tensors)
 
+    @staticmethod
+    def _same(refs, tensors) -> bool:
+        return len(refs) == len(tensors) and all(
+            (ref is None) == (t is None) and (ref is None or ref() is t) for ref, t in zip(refs, tensors)
+        )
+
     def get(self, tensors, meta):
-        if self.layout is None or meta != self.meta or len(tensors) != len(self.refs):
-            return None
-        for ref, t in zip(self.refs, tensors):
-            if (ref is None) != (t is None) or (ref is not None and ref() is not t):
-                return None
-        return self.layout
+        for refs, entry_meta, layout in reversed(self.entries):
+            if entry_meta == meta and self._same(refs, tensors):
+                return layout
+        return None
 
     def put(self, tensors, meta, layout):
-        self.refs, self.meta, self.layout = self._refs(tensors), meta, layout
+        self.entries = [*self.entries[-(self.SIZE - 1):], (self._refs(tensors), meta, layout)]
         return layout
 
 
