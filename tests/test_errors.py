@@ -43,6 +43,25 @@ def test_init_rejects_non_positive_or_non_int_size(bad):
     assert ulysses_attn.get_sequence_parallel() is None
 
 
+@pytest.mark.parametrize("source,value", [("argument", 2.5), ("argument", 0), ("env", "two"), ("env", "-1"),
+                                          ("config", "auto")])
+def test_sp_size_from_each_source_must_be_a_positive_integer(tmp_path, monkeypatch, source, value):
+    import json
+
+    from ulysses_attn.integrations.trainer import resolve_sp_size
+
+    monkeypatch.delenv("ULYSSES_SP_SIZE", raising=False)
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", raising=False)
+    named = {"argument": "sp_size", "env": "ULYSSES_SP_SIZE", "config": "sequence_parallel_size in"}[source]
+    if source == "env":
+        monkeypatch.setenv("ULYSSES_SP_SIZE", value)
+    if source == "config":
+        (tmp_path / "ds.json").write_text(json.dumps({"sequence_parallel_size": value}))
+        monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(tmp_path / "ds.json"))
+    with pytest.raises(ValueError, match=f"{named}.* must be a positive integer .*got {value!r}"):
+        resolve_sp_size(value if source == "argument" else None)
+
+
 def test_init_without_torch_distributed():
     assert not torch.distributed.is_initialized()
     with pytest.raises(RuntimeError, match="torch.distributed") as info:

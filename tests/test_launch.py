@@ -23,3 +23,17 @@ def test_missing_script_is_an_error(capsys):
     with pytest.raises(SystemExit):
         main(["--sp-size", "1"])
     assert "give a script" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("code", [0, 3])
+def test_script_exit_code_is_kept(tmp_path, code):
+    # sys.exit(0) ends the script, not the launcher (which still tears the process groups down);
+    # any other code is the launcher's exit code
+    import subprocess
+    import sys
+
+    script = tmp_path / "script.py"
+    script.write_text(f"import sys\nprint('ran')\nsys.exit({code})\n")
+    proc = subprocess.run([sys.executable, "-m", "ulysses_attn.launch", "--sp-size", "1", str(script)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == code and "ran" in proc.stdout, proc.stderr[-2000:]

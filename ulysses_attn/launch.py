@@ -54,13 +54,17 @@ def main(argv: list[str] | None = None) -> None:
         memory = memory or MemoryOptions(activation_checkpointing=True)
         memory.selective_checkpointing = True
     enable(args.sp_size, kernel=args.kernel, memory=memory)
-    if target[0] == "-m":
-        sys.argv = [target[1], *target[2:]]
-        runpy.run_module(target[1], run_name="__main__", alter_sys=True)
-    else:
-        sys.argv = list(target)
-        sys.path.insert(0, os.path.dirname(os.path.abspath(target[0])))  # as `python script.py` does
-        runpy.run_path(target[0], run_name="__main__")
+    try:
+        if target[0] == "-m":
+            sys.argv = [target[1], *target[2:]]
+            runpy.run_module(target[1], run_name="__main__", alter_sys=True)
+        else:
+            sys.argv = list(target)
+            sys.path.insert(0, os.path.dirname(os.path.abspath(target[0])))  # as `python script.py` does
+            runpy.run_path(target[0], run_name="__main__")
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            raise
     _shutdown()
 
 

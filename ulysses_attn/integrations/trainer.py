@@ -48,13 +48,20 @@ _ENV_SIZE = "ULYSSES_SP_SIZE"
 _memory_options: MemoryOptions | None = None  # set by enable()
 
 
-def _deepspeed_sp_size() -> tuple[int | None, str | None]:
+def _deepspeed_sp_size() -> tuple[object, str | None]:
     path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
     if not path or not os.path.isfile(path):
         return None, None
     with open(path) as f:
         size = json.load(f).get("sequence_parallel_size")
-    return (int(size) if size is not None else None), path
+    return size, path
+
+
+def _positive_int(value, source: str) -> int:
+    whole = isinstance(value, int) and not isinstance(value, bool) or isinstance(value, str) and value.strip().isdigit()
+    if not whole or int(value) < 1:
+        raise ValueError(f"{source} must be a positive integer (the sequence-parallel size); got {value!r}.")
+    return int(value)
 
 
 def resolve_sp_size(sp_size: int | None = None) -> int:
@@ -62,12 +69,13 @@ def resolve_sp_size(sp_size: int | None = None) -> int:
     ``sequence_parallel_size`` (``ACCELERATE_DEEPSPEED_CONFIG_FILE``). Conflicting values raise."""
     candidates = []
     if sp_size is not None:
-        candidates.append(("the sp_size argument", int(sp_size)))
+        candidates.append(("the sp_size argument", _positive_int(sp_size, "sp_size")))
     if os.environ.get(_ENV_SIZE):
-        candidates.append((_ENV_SIZE, int(os.environ[_ENV_SIZE])))
+        candidates.append((_ENV_SIZE, _positive_int(os.environ[_ENV_SIZE], _ENV_SIZE)))
     ds_size, ds_path = _deepspeed_sp_size()
     if ds_size is not None:
-        candidates.append((f"sequence_parallel_size in {ds_path}", ds_size))
+        source = f"sequence_parallel_size in {ds_path}"
+        candidates.append((source, _positive_int(ds_size, source)))
     if not candidates:
         raise ValueError(
             "No sequence-parallel size given: pass enable(sp_size=N) / --sp-size N, set ULYSSES_SP_SIZE, "
