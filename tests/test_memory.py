@@ -13,7 +13,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tiny_models import REFERENCE_ATTN, VOCAB, build
-from ulysses_attn import MemoryOptions, configure_memory, tile_mlp
+from ulysses_attn import MemoryOptions, chunked_causal_lm_loss, configure_memory, tile_mlp
+from ulysses_attn.selective_checkpoint import keeps_attention_outputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
@@ -353,3 +354,33 @@ def test_long_sequence_and_selective_checkpointing_under_sp_equal_plain_forward(
         assert sp_loss == pytest.approx(ref_loss, rel=1e-5)
         bad = {n: e for n, e in r["grads"].items() if not e < 1e-5}
         assert not bad, bad
+
+
+def test_configure_memory_again_switches_options_off_and_sizes_are_checked():
+    ref = build("llama", REFERENCE_ATTN["llama"])
+    model = copy.deepcopy(ref)
+    model.gradient_checkpointing_enable()
+    ids = torch.randint(1, VOCAB, (1, 24), generator=torch.Generator().manual_seed(0))
+    mlp_rows = []
+    model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, a, o: mlp_rows.append(o.shape[1]))
+    configure_memory(model, MemoryOptions(tiled_mlp=True, mlp_chunk_tokens=4, selective_checkpointing=True))
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert max(mlp_rows) == 4 and all(keeps_attention_outputs(layer) for layer in model.model.layers)
+    mlp_rows.clear()
+    configure_memory(model, MemoryOptions())  # tiled MLP and selective checkpointing off again
+    model.zero_grad()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert mlp_rows and set(mlp_rows) == {24}  # untiled (the recompute may stop before the hook fires)
+    assert not any(keeps_attention_outputs(layer) for layer in model.model.layers)
+    ref.train()
+    ref_loss = ref(input_ids=ids, labels=ids).loss
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
+    for bad in (dict(loss_chunk_tokens=0), dict(mlp_chunk_tokens=-3), dict(offload_min_bytes=-1)):
+        with pytest.raises(ValueError, match="must be"):
+            MemoryOptions(**bad)
+    with pytest.raises(ValueError, match="positive number of tokens"):
+        chunked_causal_lm_loss(torch.zeros(1, 4, HIDDEN), model.lm_head, labels=torch.ones(1, 4, dtype=torch.long),
+                               chunk_tokens=0)

@@ -108,6 +108,8 @@ def chunk_count(rows: int, chunk: int, device: torch.device) -> int:
     """``ceil(rows / chunk)`` (at least 1), raised to the largest value over all ranks under
     DeepSpeed ZeRO-3: there each call of a module gathers its parameters with a collective, so
     every rank must call a chunked module the same number of times."""
+    if chunk < 1:
+        raise ValueError(f"chunk size must be a positive number of tokens; got {chunk}.")
     count = max(1, -(-rows // chunk))
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 

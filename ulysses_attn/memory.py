@@ -29,7 +29,7 @@ import torch
 from .loss import chunked_causal_lm_loss
 from .offload import CheckpointOffloader
 from .compat import decoder_layers
-from .selective_checkpoint import keep_attention_outputs_of
+from .selective_checkpoint import keep_attention_outputs_of, recompute_attention_outputs_of
 from .tiled_mlp import tile_mlp
 
 logger = logging.getLogger("ulysses_attn")
@@ -52,6 +52,14 @@ class MemoryOptions:
     activation_checkpointing: bool = False  # turned on for the Trainer when set (long_sequence)
     selective_checkpointing: bool = False
     offload_attention_outputs: bool = True  # applies with selective_checkpointing and offload_checkpoints
+
+    def __post_init__(self):
+        for name in ("loss_chunk_tokens", "mlp_chunk_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"MemoryOptions.{name} must be a positive number of tokens or None; got {value!r}.")
+        if not isinstance(self.offload_min_bytes, int) or self.offload_min_bytes < 0:
+            raise ValueError(f"MemoryOptions.offload_min_bytes must be >= 0; got {self.offload_min_bytes!r}.")
 
     @classmethod
     def long_sequence(cls, **overrides) -> "MemoryOptions":
@@ -83,7 +91,8 @@ def _logit_transform(config) -> tuple[float, float | None]:
 
 def configure_memory(model: torch.nn.Module, options: MemoryOptions | None = None, **kwargs) -> MemoryOptions:
     """Apply ``options`` (or ``MemoryOptions(**kwargs)``) to a ``*ForCausalLM`` in place; calling
-    it again replaces the options. Returns the options in force.
+    it again replaces the options (an option switched off is off from the next forward). Returns
+    the options in force.
 
     >>> configure_memory(model, MemoryOptions.long_sequence())
     >>> model.gradient_checkpointing_enable()   # offload_checkpoints needs checkpointed layers
@@ -93,6 +102,8 @@ def configure_memory(model: torch.nn.Module, options: MemoryOptions | None = Non
         raise NotImplementedError(f"configure_memory needs a causal LM with an LM head; got {type(model).__name__}.")
     if options.tiled_mlp:
         tile_mlp(model, options.mlp_chunk_tokens)
+    elif getattr(model, "_ulysses_tiling", None) is not None:  # switched off by this call
+        model._ulysses_tiling.enabled = False
     if getattr(model, "_ulysses_memory", None) is None:
         model.forward = _chunked_loss_forward(model, model.forward)
         backbone = model.base_model
@@ -128,6 +139,8 @@ def _backbone_forward(model: torch.nn.Module, original):
         checkpointing = training and _is_checkpointing(model)
         if checkpointing and options.selective_checkpointing:
             keep_attention_outputs_of(layers)  # the Trainer (re-)enables checkpointing in train()
+        elif checkpointing:
+            recompute_attention_outputs_of(layers)  # switched off by a later configure_memory
         if options.offload_checkpoints and checkpointing:
             with offloader:
                 return original(*args, **kwargs)

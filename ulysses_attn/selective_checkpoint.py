@@ -126,6 +126,18 @@ def keep_attention_outputs_of(layers) -> int:
     return changed
 
 
+def recompute_attention_outputs_of(layers) -> int:
+    """Undo :func:`keep_attention_outputs_of`: the layers' checkpoints recompute everything again."""
+    changed = 0
+    for layer in layers:
+        if keeps_attention_outputs(layer):
+            keep = layer._gradient_checkpointing_func
+            keywords = {k: v for k, v in keep.keywords.items() if k != "context_fn"}
+            layer._gradient_checkpointing_func = functools.partial(keep.func, *keep.args, **keywords)
+            changed += 1
+    return changed
+
+
 def keeps_attention_outputs(layer: torch.nn.Module) -> bool:
     """Whether the checkpoint of a decoder ``layer`` keeps its attention outputs (changed by
     :func:`keep_attention_outputs`)."""

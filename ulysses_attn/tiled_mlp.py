@@ -48,6 +48,7 @@ class _Tiling:
 
     def __init__(self, chunk_tokens: int):
         self.chunk_tokens, self.seq, self.count = chunk_tokens, None, None
+        self.enabled = True  # configure_memory(tiled_mlp=False) switches it off
 
     def agree(self, backbone, args, kwargs) -> None:
         x = kwargs.get("input_ids")
@@ -81,7 +82,9 @@ def tile_mlp(model: torch.nn.Module, chunk_tokens: int | None = None) -> int:
             raise NotImplementedError(
                 f"tile_mlp does not support mixture-of-experts blocks ({type(mlp).__name__})."
             )
-    chunk_tokens = chunk_tokens or default_mlp_chunk_tokens(model.config)
+    chunk_tokens = default_mlp_chunk_tokens(model.config) if chunk_tokens is None else chunk_tokens
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be a positive number of tokens; got {chunk_tokens}.")
     tiling = getattr(model, "_ulysses_tiling", None)
     if tiling is None:
         model._ulysses_tiling = tiling = _Tiling(chunk_tokens)
@@ -90,7 +93,7 @@ def tile_mlp(model: torch.nn.Module, chunk_tokens: int | None = None) -> int:
         for mlp in mlps:
             mlp.forward = functools.partial(_tiled_forward, tiling, mlp.forward)
     _gather_whole_under_zero3(mlps)  # again on a later call: ZeRO-3 may have been configured since
-    tiling.chunk_tokens = chunk_tokens
+    tiling.chunk_tokens, tiling.enabled = chunk_tokens, True
     return len(mlps)
 
 
@@ -116,7 +119,7 @@ def _gather_whole_under_zero3(mlps: list[torch.nn.Module]) -> None:
 
 
 def _tiled_forward(tiling: _Tiling, forward, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    if args or kwargs or hidden_states.dim() < 2:
+    if args or kwargs or hidden_states.dim() < 2 or not tiling.enabled:
         return forward(hidden_states, *args, **kwargs)
     count = tiling.count_for(hidden_states)
     if count == 1:
