@@ -137,9 +137,9 @@ def test_attention_function_rejects_unsupported_inputs():
 
 def test_check_heads_messages():
     with pytest.raises(ValueError, match="multiple of num_key_value_heads"):
-        check_heads(8, 3, 2)
-    check_heads(8, 2, 4)  # valid: no exception
-    check_heads(12, 4, 8)  # 12 heads over 8 ranks: padded (tests/test_model_parity.py), not an error
+        check_heads(8, 3)
+    check_heads(8, 2)  # valid: no exception
+    check_heads(12, 4)  # 12 heads over 8 ranks: padded (tests/test_model_parity.py), not an error
 
 
 # ------------------------------------------------------------------------------------------------

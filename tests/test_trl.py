@@ -174,3 +174,17 @@ def test_options_needing_full_logits_raise_under_sp():
     for r in run_distributed(_unsupported_worker, 2):
         assert r["log_probs_shape"] == (1, 11)
         assert r["error"] and "fused LM head" in r["error"] and "label smoothing" in r["error"]
+
+
+def test_trl_trainer_with_too_old_trl_is_refused(monkeypatch, caplog):
+    # an older TRL has no fused LM head: its trainers would train on shards with full-sequence metrics
+    import ulysses_attn.integrations.trainer as integration
+    import ulysses_attn.integrations.trl as trl_integration
+
+    monkeypatch.setattr(trl, "__version__", "1.15.0")
+    assert not trl_integration.trl_supported() and trl_integration.fused_trainer_classes() == ()
+    with caplog.at_level("WARNING", logger="ulysses_attn"):
+        trl_integration.patch_trl()
+    assert "needs trl>=1.16" in caplog.text
+    with pytest.raises(NotImplementedError, match=r"needs trl>=1\.16 .*found trl 1\.15\.0"):
+        integration.attach(trl.SFTTrainer.__new__(trl.SFTTrainer))

@@ -165,7 +165,7 @@ def test_eval_gather_pads_whole_sequences_when_dp_groups_differ_in_length():
     [(32, 8, 4, 1), (4, 1, 4, 4), (28, 4, 4, 1), (4, 2, 4, 2), (8, 2, 8, 4), (16, 16, 4, 1), (32, 8, 1, 1), (12, 3, 4, 4)],
 )
 def test_kv_replication_values(heads, kv_heads, sp, rep):
-    check_heads(heads, kv_heads, sp)
+    check_heads(heads, kv_heads)
     assert kv_replication(heads, kv_heads, sp) == rep
 
 
@@ -176,7 +176,7 @@ def test_kv_replication_keeps_each_query_with_its_kv_head():
     for heads in range(1, 33):
         for kv in (d for d in range(1, heads + 1) if heads % d == 0):
             for p in (d for d in range(1, heads + 1) if heads % d == 0):
-                check_heads(heads, kv, p)
+                check_heads(heads, kv)
                 rep = kv_replication(heads, kv, p)
                 kv2 = kv * rep
                 assert kv2 % p == 0 and heads % kv2 == 0

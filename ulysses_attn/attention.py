@@ -35,9 +35,9 @@ __all__ = ["ulysses_flash_attention", "ulysses_flash_mask", "kv_replication", "c
 logger = logging.getLogger(__name__)
 
 
-def check_heads(num_heads: int, num_kv_heads: int, sp_size: int) -> None:
+def check_heads(num_heads: int, num_kv_heads: int) -> None:
     """Raise a helpful error for head counts no SP size can work with (GQA needs ``num_heads`` to
-    be a multiple of ``num_kv_heads``). ``num_heads`` not divisible by ``sp_size`` is handled by
+    be a multiple of ``num_kv_heads``). ``num_heads`` not divisible by the SP size is handled by
     :func:`padded_heads`."""
     if num_heads % num_kv_heads != 0:
         raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_key_value_heads ({num_kv_heads}).")
@@ -284,7 +284,7 @@ def ulysses_flash_attention(
             "ulysses_flash with a sequence-parallel group cannot decode with a KV cache (key length "
             f"{key.shape[2]} != query length {seq_local}). Generate with one process / P = 1, or pass use_cache=False."
         )
-    check_heads(heads, kv_heads, sp.size)
+    check_heads(heads, kv_heads)
     layout = _cache.get(tensors, meta) or _cache.put(
         tensors,
         meta,

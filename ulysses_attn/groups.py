@@ -17,7 +17,6 @@ __all__ = [
     "init_sequence_parallel",
     "get_sequence_parallel",
     "destroy_sequence_parallel",
-    "sp_active",
 ]
 
 
@@ -106,11 +105,6 @@ def init_sequence_parallel(sp_size: int) -> SequenceParallel:
 def get_sequence_parallel() -> SequenceParallel | None:
     """The handle made by :func:`init_sequence_parallel`, or ``None`` when not initialised."""
     return _STATE
-
-
-def sp_active() -> bool:
-    """True when an SP group of size > 1 is initialised."""
-    return _STATE is not None and _STATE.size > 1
 
 
 def destroy_sequence_parallel() -> None:

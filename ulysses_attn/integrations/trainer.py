@@ -38,7 +38,7 @@ from ..kernels import set_kernel
 from ..loss import causal_lm_loss
 from ..memory import MemoryOptions, configure_memory
 from .deepspeed import reconcile_sequence_parallel_size
-from .trl import fused_trainer_classes, patch_trl
+from .trl import fused_trainer_classes, is_trl_trainer, patch_trl, trl_supported
 
 logger = logging.getLogger("ulysses_attn")
 
@@ -173,6 +173,13 @@ def _uses_ulysses(model) -> bool:
 
 def attach(trainer, sp: SequenceParallel | None = None) -> None:
     """Make one Trainer instance sequence-parallel (``enable`` does this for every new Trainer)."""
+    if is_trl_trainer(trainer) and not trl_supported():
+        import trl
+
+        raise NotImplementedError(
+            f"Sequence parallelism with TRL trainers needs trl>=1.16 (its fused LM head); found trl {trl.__version__}. "
+            "Upgrade TRL, or train with transformers.Trainer."
+        )
     sp = sp or get_sequence_parallel()
     args = trainer.args
     if getattr(args, "train_sampling_strategy", None) == "batch_rebalance":

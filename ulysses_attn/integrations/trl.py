@@ -38,16 +38,27 @@ _MODULES = ("trl.trainer.sft_trainer", "trl.trainer.dpo_trainer")
 _PER_TOKEN_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
 
 
-def fused_trainer_classes() -> tuple[type, ...]:
-    """TRL trainer classes that score through the fused LM head (empty without TRL)."""
+def trl_supported() -> bool:
+    """Whether the installed TRL has the fused LM head this integration wraps (trl >= 1.16)."""
     try:
         import trl
     except ImportError:
-        return ()
+        return False
     from packaging.version import Version
 
-    if Version(trl.__version__) < Version("1.16.0"):
+    return Version(trl.__version__) >= Version("1.16.0")
+
+
+def is_trl_trainer(trainer) -> bool:
+    return any(cls.__module__.split(".")[0] == "trl" for cls in type(trainer).__mro__)
+
+
+def fused_trainer_classes() -> tuple[type, ...]:
+    """TRL trainer classes that score through the fused LM head (empty without a supported TRL)."""
+    if not trl_supported():
         return ()
+    import trl
+
     return tuple(getattr(trl, name) for name in ("SFTTrainer", "DPOTrainer") if hasattr(trl, name))
 
 
@@ -107,14 +118,15 @@ def patch_trl() -> None:
         import trl
     except ImportError:
         return
-    from packaging.version import Version
-
+    if not trl_supported():
+        logger.warning("ulysses_attn: trl %s has no fused LM head; TRL trainers cannot be sequence-parallel "
+                       "(needs trl>=1.16).", trl.__version__)
+        return
     for name in _MODULES:
         module = importlib.import_module(name)
         original = getattr(module, "add_fused_lm_head", None)
-        if Version(trl.__version__) < Version("1.16.0") or original is None:
-            logger.warning("ulysses_attn: trl %s has no fused LM head; TRL trainers are not sequence-parallel "
-                           "(needs trl>=1.16).", trl.__version__)
+        if original is None:
+            logger.warning("ulysses_attn: %s has no add_fused_lm_head; TRL trainers cannot be sequence-parallel.", name)
             return
         if not getattr(original, "_ulysses_patched", False):
             module.add_fused_lm_head = _wrap_add_fused_lm_head(original)
