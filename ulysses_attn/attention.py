@@ -202,7 +202,9 @@ def _global_layout(sp, position_ids, attention_mask, cu, max_len, batch, seq_loc
         raise ValueError(
             "position_ids restart at 0 on every sequence-parallel shard: the model got shard-local "
             "positions, so RoPE and the causal structure would be wrong. Pass the global position_ids "
-            "of each token (ulysses_attn.UlyssesCollator / shard_batch add them)."
+            "of each token (ulysses_attn.UlyssesCollator / shard_batch add them). If these are packed "
+            "documents that each fill exactly one shard, also pass cu_seq_lens_q/cu_seq_lens_k (shard_batch "
+            "does), which tell them apart."
         )
     if layout is not None:
         return layout
