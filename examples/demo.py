@@ -82,12 +82,14 @@ def main():
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() and torch.cuda.device_count() >= args.sp else "cpu"
     tol = 1e-5 if device == "cpu" else 1e-3
+    # fewer GPUs than processes: both runs on the CPU (the training script would otherwise take the GPU)
+    env = {"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else None
     extra = ["--max_length", str(args.max_length), "--eval"]
     with tempfile.TemporaryDirectory() as tmp:
         print(f"[1/2] training without sequence parallelism (1 process, sdpa) on {device} ...", flush=True)
-        ref = run_example(os.path.join(tmp, "plain"), extra=extra)
+        ref = run_example(os.path.join(tmp, "plain"), extra=extra, env=env)
         print(f"[2/2] training with Ulysses SP = {args.sp} ({args.sp} processes, ulysses_flash) ...", flush=True)
-        sp = run_example(os.path.join(tmp, "sp"), nproc=args.sp, sp=args.sp, extra=extra)
+        sp = run_example(os.path.join(tmp, "sp"), nproc=args.sp, sp=args.sp, extra=extra, env=env)
     diff = compare(sp, ref)
     print("\n step | loss (no SP) | loss (SP) | grad_norm (no SP) | grad_norm (SP)")
     for a, b in zip(ref[0]["log_history"], sp[0]["log_history"]):

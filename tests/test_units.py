@@ -66,14 +66,12 @@ def _comm_worker(rank, world):
         total = all_reduce_sum(a, group)
         (total * (r + 1)).sum().backward()
         gathered = all_gather_seq(X[:, 0, r * s : (r + 1) * s], group)
-        # if all_gather_seq is differentiable (per-token outputs), each rank's slice gets the sum of
+        # all_gather_seq is differentiable (per-token outputs): each rank's slice gets the sum of
         # every rank's gradient for it
         xg = X[:, 0, r * s : (r + 1) * s].clone().requires_grad_()
         g = all_gather_seq(xg, group)
-        gather_grad = None
-        if g.requires_grad:
-            (g * _tensor(_seed(members, 5 + r), B, S, D)).sum().backward()
-            gather_grad = xg.grad
+        (g * _tensor(_seed(members, 5 + r), B, S, D)).sum().backward()
+        gather_grad = xg.grad
 
         out[name] = dict(
             members=members, r=r, y=y.detach(), x_grad=x_bshd.grad.transpose(1, 2), back=back,
@@ -125,10 +123,9 @@ def test_all_to_all_round_trip_and_gradients():
                 assert got["total"] == P * (P + 1) / 2  # sum of (r + 1) over the group
                 assert got["a_grad"] == P * (P + 1) / 2  # d/da_r sum_j (j + 1) * total = sum_j (j + 1)
                 assert torch.equal(got["gathered"], x_row)
-                if got["gather_grad"] is not None:
-                    s = S // P
-                    want = sum(_tensor(_seed(members, 5 + j), B, S, D) for j in range(P))[:, r * s : (r + 1) * s]
-                    torch.testing.assert_close(got["gather_grad"], want, rtol=0, atol=1e-12)
+                s = S // P
+                want = sum(_tensor(_seed(members, 5 + j), B, S, D) for j in range(P))[:, r * s : (r + 1) * s]
+                torch.testing.assert_close(got["gather_grad"], want, rtol=0, atol=1e-12)
 
 
 def _eval_gather_worker(rank, world):

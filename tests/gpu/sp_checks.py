@@ -12,7 +12,7 @@
 * ``models``: Llama- and Qwen2-architecture models (hidden 256, 4 layers, 8 heads / 2 KV heads,
   seq 4096; Qwen2 also with sliding-window layers), plain and packed, SP (``ulysses_flash``, every
   kernel that can run the case) against the same model in one process (HF ``sdpa``): bf16 loss
-  rel. diff <= 1e-2 and gradient cosine >= 0.999; fp32 (``reference``/``sdpa`` kernels vs. SDPA math)
+  rel. diff <= 1e-3 and gradient cosine >= 0.9995; fp32 (``reference``/``sdpa`` kernels vs. SDPA math)
   loss, logits and gradients rel. err <= 1e-5.
 * ``memory``: the long-sequence memory options (``MemoryOptions.long_sequence()``: chunked loss,
   tiled MLP, checkpoint offload to pinned host memory on a side stream) under SP with small chunks
@@ -343,10 +343,12 @@ def _case(check: str, label: str):
 
 
 def _within_tolerance(m: dict, dtype: torch.dtype) -> bool:
-    """bf16: loss rel. diff <= 1e-2, gradient cosine >= 0.999 (each parameter >= 0.99); fp32:
-    loss, logits (where compared) and gradients rel. err <= 1e-5 (each parameter <= 1e-4)."""
+    """bf16: loss rel. diff <= 1e-3, gradient cosine >= 0.9995 (each parameter >= 0.999): about
+    19x, 3x and 2x looser than the worst of ~300 bf16 cases recorded on H200 (5.3e-5, 0.99983,
+    0.99955), tighter than the issue's 1e-2 / 0.999, so that a regression shows; fp32: loss,
+    logits (where compared) and gradients rel. err <= 1e-5 (each parameter <= 1e-4)."""
     if dtype == torch.bfloat16:
-        ok = m["loss_rel"] <= 1e-2 and m["grad_cos"] >= 0.999 and m["min_param_cos"] >= 0.99
+        ok = m["loss_rel"] <= 1e-3 and m["grad_cos"] >= 0.9995 and m["min_param_cos"] >= 0.999
     else:
         ok = m["loss_rel"] <= 1e-5 and m.get("logits_rel", 0.0) <= 1e-5 and m["grad_rel"] <= 1e-5 \
             and m["max_param_rel"] <= 1e-4

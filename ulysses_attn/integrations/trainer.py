@@ -147,7 +147,7 @@ def _patch_trainer() -> None:
             if sp.size > 1:
                 attach(self, sp)
             apply_memory_options(self, (_memory_options or MemoryOptions()).with_env_overrides())
-        else:
+        elif sp.size > 1:
             logger.warning(
                 "ulysses_attn: sequence parallelism (size %d) is enabled but %s's model does not use "
                 'attn_implementation="ulysses_flash": it trains with plain data parallelism over all ranks.',
