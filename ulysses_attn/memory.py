@@ -100,11 +100,14 @@ def configure_memory(model: torch.nn.Module, options: MemoryOptions | None = Non
     options = options or MemoryOptions(**kwargs)
     if getattr(model, "get_output_embeddings", lambda: None)() is None or not hasattr(model, "base_model"):
         raise NotImplementedError(f"configure_memory needs a causal LM with an LM head; got {type(model).__name__}.")
+    previous = getattr(model, "_ulysses_memory", None)
     if options.tiled_mlp:
         tile_mlp(model, options.mlp_chunk_tokens)
     elif getattr(model, "_ulysses_tiling", None) is not None:  # switched off by this call
         model._ulysses_tiling.enabled = False
-    if getattr(model, "_ulysses_memory", None) is None:
+    if previous is not None and previous.selective_checkpointing and not options.selective_checkpointing:
+        recompute_attention_outputs_of(decoder_layers(model.base_model))
+    if previous is None:
         model.forward = _chunked_loss_forward(model, model.forward)
         backbone = model.base_model
         backbone.forward = _backbone_forward(model, backbone.forward)
@@ -139,8 +142,6 @@ def _backbone_forward(model: torch.nn.Module, original):
         checkpointing = training and _is_checkpointing(model)
         if checkpointing and options.selective_checkpointing:
             keep_attention_outputs_of(layers)  # the Trainer (re-)enables checkpointing in train()
-        elif checkpointing:
-            recompute_attention_outputs_of(layers)  # switched off by a later configure_memory
         if options.offload_checkpoints and checkpointing:
             with offloader:
                 return original(*args, **kwargs)
