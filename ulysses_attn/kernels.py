@@ -230,9 +230,7 @@ def _keeping_attention_outputs() -> bool:
 
 
 def _flash_attn(q, k, v, layout: Layout, *, causal, scale, dropout, window, softcap):
-    fa = _flash_module_on(q.device)
-    if dropout and fa.__name__ != "flash_attn":
-        raise NotImplementedError("FlashAttention-3/4 have no attention dropout; set attention_dropout=0.")
+    fa = _flash_module_on(q.device)  # dropout only reaches here with FA2 (Kernel.dropout)
     window_left_right = (window - 1, 0 if causal else window - 1) if window else None
     if fa.__name__ == "flash_attn.cute" and flash4.supported():
         # FA4 as a registered op, so that selective checkpointing can keep its output

@@ -82,9 +82,7 @@ def tile_mlp(model: torch.nn.Module, chunk_tokens: int | None = None) -> int:
             raise NotImplementedError(
                 f"tile_mlp does not support mixture-of-experts blocks ({type(mlp).__name__})."
             )
-    chunk_tokens = default_mlp_chunk_tokens(model.config) if chunk_tokens is None else chunk_tokens
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be a positive number of tokens; got {chunk_tokens}.")
+    chunk_tokens = default_mlp_chunk_tokens(model.config) if chunk_tokens is None else chunk_tokens  # 0: chunk_count raises
     tiling = getattr(model, "_ulysses_tiling", None)
     if tiling is None:
         model._ulysses_tiling = tiling = _Tiling(chunk_tokens)

@@ -263,17 +263,6 @@ def install_metrics_gather(accelerator, sp: SequenceParallel, sharded_inputs: bo
     accelerator.gather_for_metrics = functools.partial(_gather_for_metrics, accelerator, sp, sharded_inputs)
 
 
-def _pad_to_longest(t: torch.Tensor, group, dim: int, value: int) -> torch.Tensor:
-    """``t`` padded at the end of ``dim`` with ``value`` to the longest over ``group``."""
-    longest = torch.tensor([t.shape[dim]], device=t.device)
-    dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=group)
-    missing = int(longest.item()) - t.shape[dim]
-    if missing == 0:
-        return t
-    pad = t.new_full((*t.shape[:dim], missing, *t.shape[dim + 1:]), value)
-    return torch.cat([t, pad], dim=dim)
-
-
 def _gather_for_metrics(
     accelerator, sp: SequenceParallel, sharded_inputs: bool, input_data, use_gather_object: bool = False
 ):
@@ -287,7 +276,7 @@ def _gather_for_metrics(
     longest over the DP group, as the evaluation loop pads them without SP), dropping the
     duplicated tail of the last batch likewise.
     """
-    from accelerate.utils import recursively_apply
+    from accelerate.utils import pad_across_processes, recursively_apply
 
     from ..comm import all_gather_seq
 
@@ -298,8 +287,8 @@ def _gather_for_metrics(
         if t.dim() >= 2:
             if sharded_inputs:
                 t = all_gather_seq(t, sp.group, dim=1)
-                if sp.dp_size > 1:
-                    t = _pad_to_longest(t, sp.dp_group, dim=1, value=-100)
+                if sp.dp_size > 1:  # whole sequences now: pad them at their end, as the loop does without SP
+                    t = pad_across_processes(t, dim=1, pad_index=-100)
         else:
             t = t.reshape(-1).clone()
             dist.all_reduce(t, group=sp.group)
