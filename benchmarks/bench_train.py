@@ -44,7 +44,7 @@ forward with ``model.loss_function = ulysses_attn.causal_lm_loss`` instead (full
 
 Reported per configuration: step time (median of the timed steps, slowest rank), tokens/s per GPU,
 model TFLOP/s per GPU = (6*N_matmul*S + 6*L*S^2*H*D) / P / step_time (causal attention, no
-recompute counted), peak memory per GPU (max over ranks), the share of the step spent in
+recompute counted; with ``--documents`` S^2 is the sum of the documents' squared lengths), peak memory per GPU (max over ranks), the share of the step spent in
 all-to-all (CUDA events around every ``torch.distributed.all_to_all_single``; includes waiting
 for the peer), the gradient all-reduce time, and the attention kernel (ulysses' own choice, and
 the CUDA attention kernels a profiled extra step ran), and ``first_grad_norms``: the norms of a few
@@ -76,7 +76,8 @@ DEV = os.environ.get("BENCH_DEVICE", "cuda")  # "cpu": a gloo dry run of the scr
 SAME_KERNEL = {"sdpa": "sdpa", "flash_attention_2": "flash_attn/fa2", "flash_attention_3": "flash_attn/fa3",
                "flash_attention_4": "flash_attn/fa4"}
 STOCK = tuple(SAME_KERNEL)
-FORMULA = "model TFLOP/s/GPU = (6*N_matmul*S + 6*L*S^2*H*D) / P / step_time / 1e12 (causal attention; recompute not counted)"
+FORMULA = ("model TFLOP/s/GPU = (6*N_matmul*S + 6*L*S^2*H*D) / P / step_time / 1e12 (causal attention; recompute "
+           "not counted; packed documents: S^2 = sum of their squared lengths)")
 
 SHAPES = {
     # Llama-3.2-1B
@@ -236,10 +237,18 @@ def build_model(shape: str, seq: int, attn: str):
     return model
 
 
-def make_batch(vocab: int, seq: int, seed: int):
+def document_lengths(seq: int, documents: int) -> list[int]:
+    """``--documents``: equal documents packed into the sequence (the last one takes the remainder)."""
+    return [seq // documents] * (documents - 1) + [seq - (documents - 1) * (seq // documents)]
+
+
+def make_batch(vocab: int, seq: int, seed: int, documents: int = 1):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (1, seq), generator=g).to(DEV)
-    return {"input_ids": ids, "labels": ids.clone()}
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    if documents > 1:  # packed: positions restart at every document
+        batch["position_ids"] = torch.cat([torch.arange(n) for n in document_lengths(seq, documents)])[None].to(DEV)
+    return batch
 
 
 def _chunk_ce(h, lm_head, labels):
@@ -563,7 +572,7 @@ def run_config(mode_name: str, seq: int, args, sp, state: dict) -> dict:
         offload = get_checkpoint_hidden_states_offloading_ctx_manager(min_offload_bytes=2**20)
     # same sample within an SP group, different samples across groups (and across ranks without SP)
     sample_seed = 1234 + (rank if mode.P == 1 else rank // mode.P)
-    full = make_batch(cfg.vocab_size, seq, sample_seed)
+    full = make_batch(cfg.vocab_size, seq, sample_seed, args.documents)
     batch = shard(mode, full, sp)
     losses, first_grads = [], {}
 
@@ -639,7 +648,7 @@ def run_config(mode_name: str, seq: int, args, sp, state: dict) -> dict:
     step_ms = tmax[0].item()
     L, H = cfg.num_hidden_layers, cfg.num_attention_heads
     D = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
-    flops = 6 * N * seq + 6 * L * seq * seq * H * D
+    flops = 6 * N * seq + 6 * L * sum(n * n for n in document_lengths(seq, args.documents)) * H * D
     result = {
         "mode": label,
         "model": args.model,
@@ -648,6 +657,7 @@ def run_config(mode_name: str, seq: int, args, sp, state: dict) -> dict:
         "offloaded_gib": round(offloaded_bytes(model, offload) / 2**30, 2),
         "allocated_before_gib": round(leftover, 2),
         "seq": seq,
+        "documents": args.documents,
         "P": mode.P,
         "world": world,
         "dp": world // mode.P,
@@ -799,6 +809,8 @@ def main() -> int:
     ap.add_argument("--gpu-memory-gib", type=float, default=0,
                     help="act as a GPU with this much memory (e.g. 79.6 for an 80 GB H100): the allocator gets "
                          "this less what the process already holds outside it; larger configurations fail with OOM")
+    ap.add_argument("--documents", type=int, default=1,
+                    help="pack this many equal documents into each sequence (position_ids restart; ulysses modes only)")
     ap.add_argument("--json", default=None, help="write the results here (rank 0)")
     args = ap.parse_args()
 
@@ -821,6 +833,8 @@ def main() -> int:
     for m in modes:
         if m.split("@")[0].split("+")[0] not in (*STOCK, "ulysses", "alst"):
             ap.error(f"unknown mode {m!r}")
+        if args.documents > 1 and not m.startswith("ulysses"):
+            ap.error(f"--documents: {m!r} would not attend within documents the same way; use ulysses modes")
     if "alst" in modes or args.zero:
         try:
             import deepspeed

@@ -113,20 +113,19 @@ def test_forced_kernel_not_available_on_cpu():
         model(input_ids=_ids(8), use_cache=False)
 
 
-def test_forced_sdpa_rejects_packed_and_sliding_window():
+def test_forced_sdpa_rejects_sliding_window():
     ids = _ids(12)
     packed = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3]])
     ulysses_attn.set_kernel("sdpa")
     model = build("llama", "ulysses_flash")
-    model(input_ids=ids, use_cache=False)  # dense is fine with sdpa
-    with pytest.raises(ValueError, match="'sdpa' cannot run this call") as info:
-        model(input_ids=ids, position_ids=packed, use_cache=False)
-    assert "packed/padded=True" in str(info.value)
-    mistral = build("mistral", "ulysses_flash")  # sliding window 7 < 12 tokens
-    with pytest.raises(ValueError, match="sliding_window=7"):
-        mistral(input_ids=ids, use_cache=False)
-    ulysses_attn.set_kernel("reference")  # the reference kernel runs everything
+    model(input_ids=ids, use_cache=False)  # dense and packed are fine with sdpa
     model(input_ids=ids, position_ids=packed, use_cache=False)
+    mistral = build("mistral", "ulysses_flash")  # sliding window 7 < 12 tokens
+    with pytest.raises(ValueError, match="'sdpa' cannot run this call") as info:
+        mistral(input_ids=ids, use_cache=False)
+    assert "sliding_window=7" in str(info.value)
+    ulysses_attn.set_kernel("reference")  # the reference kernel runs everything
+    mistral(input_ids=ids, use_cache=False)
 
 
 def test_loss_needs_labels():
@@ -226,10 +225,11 @@ def _errors_worker(rank, world):
         )
     )
 
-    # forcing the dense-only sdpa kernel for a packed batch
+    # forcing the sdpa kernel (no sliding window) for a sliding-window model (window 7 < 20 tokens)
+    mistral = build("mistral", "ulysses_flash")
     ulysses_attn.set_kernel("sdpa")
     try:
-        res["forced_sdpa_packed"] = _catch(lambda: model(**packed, use_cache=False))
+        res["forced_sdpa_window"] = _catch(lambda: mistral(**shard, use_cache=False))
     finally:
         ulysses_attn.set_kernel(None)
 
@@ -320,9 +320,9 @@ def test_mp_kv_cache_decoding(mp):
 
 
 @multiprocess
-def test_mp_forced_sdpa_packed(mp):
-    for kind, msg in _every_rank(mp, "forced_sdpa_packed"):
-        assert kind == "ValueError" and "'sdpa' cannot run this call" in msg, msg
+def test_mp_forced_sdpa_window(mp):
+    for kind, msg in _every_rank(mp, "forced_sdpa_window"):
+        assert kind == "ValueError" and "'sdpa' cannot run this call" in msg and "sliding_window=7" in msg, msg
 
 
 @multiprocess

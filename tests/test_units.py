@@ -4,6 +4,7 @@ two 4-process spawns)."""
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 
 import pytest
@@ -362,10 +363,30 @@ def test_reference_kernel_window_and_softcap(window, softcap):
     assert not torch.allclose(out, _run("reference", q, k, v, layout))
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_sdpa_kernel_runs_segments_like_the_reference(causal):
+    # packed rows + left padding: one SDPA call per document, ignored tokens get zeros
+    pos = _packed_positions((5, 7, 4), (9, 7))
+    valid = torch.ones(2, 16, dtype=torch.long)
+    valid[1, :3] = 0
+    layout = layout_from_positions(pos, valid, causal)
+    assert layout.seqlens == [5, 7, 4, 6, 7]
+    inputs = _rand_qkv(2, 16, 4, 2, 8, seed=4)
+    results = []
+    for kernel in ("sdpa", "reference"):
+        q, k, v = (t.clone().requires_grad_(True) for t in inputs)
+        out = _run(kernel, q, k, v, layout, causal)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append((out, q.grad, k.grad, v.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
+    assert results[0][0][1, :3].eq(0).all()
+
+
 def test_attend_dispatch_on_cpu():
     dense, packed = Layout(), layout_from_positions(_packed_positions((3, 5)), None)
     assert kernels.choose_kernel(torch.device("cpu"), dense) == "sdpa"
-    assert kernels.choose_kernel(torch.device("cpu"), packed) == "reference"
+    assert kernels.choose_kernel(torch.device("cpu"), packed) == "sdpa"  # one call per document
     assert kernels.choose_kernel(torch.device("cpu"), dense, window=4) == "reference"
     assert kernels.choose_kernel(torch.device("cpu"), dense, softcap=30.0) == "reference"
     assert kernels.available_kernels("cpu") == ["sdpa", "reference"]
@@ -383,9 +404,35 @@ def test_attention_dropout_skips_flashattention_without_it(monkeypatch, module, 
     import types
 
     monkeypatch.setattr(kernels, "_flash_module_on", lambda device: types.ModuleType(module))
+    monkeypatch.setattr(kernels, "_capability", lambda device: (8, 0))  # FA2 before sdpa
     cuda = torch.device("cuda")
     assert kernels.choose_kernel(cuda, Layout()) == "flash_attn"
     assert kernels.choose_kernel(cuda, Layout(), dropout=0.1) == with_dropout
+
+
+@pytest.mark.parametrize("module,capability,dense,long_docs,short_docs", [
+    (None, (9, 0), "sdpa", "sdpa", "torch_varlen"),
+    ("flash_attn", (9, 0), "sdpa", "sdpa", "flash_attn"),  # cuDNN before FA2 on Hopper
+    ("flash_attn", (8, 0), "flash_attn", "flash_attn", "flash_attn"),
+    ("flash_attn_interface", (9, 0), "flash_attn", "flash_attn", "flash_attn"),
+    ("flash_attn.cute", (10, 0), "flash_attn", "flash_attn", "flash_attn"),
+])
+def test_cuda_dispatch_order(monkeypatch, module, capability, dense, long_docs, short_docs):
+    import types
+
+    monkeypatch.setattr(kernels, "_flash_module_on", lambda device: module and types.ModuleType(module))
+    monkeypatch.setattr(kernels, "_capability", lambda device: capability)
+    varlen = dataclasses.replace(kernels.KERNELS["torch_varlen"], available=lambda device: True)
+    monkeypatch.setitem(kernels.KERNELS, "torch_varlen", varlen)
+    cuda = torch.device("cuda")
+    n = kernels.SDPA_MIN_SEGMENT
+    long_layout = layout_from_positions(_packed_positions((2 * n, 8, 8)), None)  # rms length >= n
+    short_layout = layout_from_positions(_packed_positions((n, n // 2, n // 2)), None)  # rms length < n
+    assert kernels.choose_kernel(cuda, Layout()) == dense
+    assert kernels.choose_kernel(cuda, long_layout) == long_docs
+    assert kernels.choose_kernel(cuda, short_layout) == short_docs
+    # a sliding window never goes to sdpa
+    assert kernels.choose_kernel(cuda, Layout(), window=128) == ("flash_attn" if module else "torch_varlen")
 
 
 def test_flash_module_is_told_apart_by_distribution(tmp_path, monkeypatch):

@@ -10,10 +10,12 @@ Which tokens may attend to which is described by a :class:`Layout`, built once p
 
 Kernels, in order of preference on CUDA: ``flash_attn`` (FA3 ``flash_attn_interface``, FA4
 ``flash_attn.cute`` on Hopper and newer, or FA2 ``flash_attn``; see :func:`flash_version`),
-PyTorch ``sdpa`` (flash / cuDNN backends, dense without window or softcap), ``torch_varlen``
-(``torch.nn.attention.varlen``, segmented without softcap) and ``reference`` (exact eager math,
-every feature, O(S^2) memory: the CPU path and the fallback).
-Force one with ``ULYSSES_ATTN_KERNEL=<name>`` or :func:`set_kernel`.
+PyTorch ``sdpa`` (flash / cuDNN backends; no window or softcap; a segmented layout runs one call
+per segment), ``torch_varlen`` (``torch.nn.attention.varlen``, segmented without softcap) and
+``reference`` (exact eager math, every feature, O(S^2) memory: the fallback). On Hopper and newer,
+``sdpa`` (cuDNN) comes before FA2, and it takes a segmented layout only when its segments are long
+(:data:`SDPA_MIN_SEGMENT`): see :func:`choose_kernel`. Force one with ``ULYSSES_ATTN_KERNEL=<name>``
+or :func:`set_kernel`.
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ logger = logging.getLogger("ulysses_attn")
 
 __all__ = ["Layout", "layout_from_positions", "attend", "set_kernel", "available_kernels", "KERNELS"]
 
+# A segmented layout goes to ``sdpa`` (one cuDNN call per segment) only when its segments' root mean
+# square length reaches this: below it, ~0.25 ms of launches per segment (fwd + bwd) cost more than
+# cuDNN saves over the FA2 varlen kernel (H200: break-even between 2K and 4K tokens per segment).
+SDPA_MIN_SEGMENT = 4096
+
 
 @dataclass
 class Layout:
@@ -55,6 +62,11 @@ class Layout:
     @property
     def dense(self) -> bool:
         return self.segment_ids is None
+
+    @functools.cached_property
+    def seqlens(self) -> list[int]:
+        """The segments' lengths (on the host: one device sync, once per layout)."""
+        return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).tolist()
 
 
 def layout_from_positions(
@@ -134,6 +146,11 @@ def _reference(q, k, v, layout: Layout, *, causal, scale, dropout, window, softc
 
 
 def _sdpa(q, k, v, layout: Layout, *, causal, scale, dropout, window, softcap):
+    if not layout.dense:  # one dense call per segment of the flattened kept tokens
+        segments = zip(*(t.split(layout.seqlens) for t in _varlen_inputs(q, k, v, layout)))
+        out = torch.cat([_sdpa(*(t[None] for t in seg), Layout(), causal=causal, scale=scale, dropout=dropout,
+                               window=None, softcap=None)[0] for seg in segments])
+        return _varlen_output(out, q.shape, layout)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     out = F.scaled_dot_product_attention(
         q, k, v, dropout_p=dropout, is_causal=causal, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
@@ -269,10 +286,18 @@ def _flash_attn(q, k, v, layout: Layout, *, causal, scale, dropout, window, soft
 class Kernel:
     fn: Callable
     available: Callable[[torch.device], bool]
-    dense_only: bool = False
     window: bool = True
     softcap: bool = True
     dropout: Callable[[torch.device], bool] = lambda device: True  # attention dropout on this device
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def _long_segments(layout: Layout) -> bool:
+    lengths = layout.seqlens
+    return sum(n * n for n in lengths) >= len(lengths) * SDPA_MIN_SEGMENT**2
 
 
 def _has_torch_varlen(device: torch.device) -> bool:
@@ -281,7 +306,7 @@ def _has_torch_varlen(device: torch.device) -> bool:
 
 KERNELS: dict[str, Kernel] = {
     "flash_attn": Kernel(_flash_attn, lambda d: flash_version(d) is not None, dropout=lambda d: flash_version(d) == "fa2"),
-    "sdpa": Kernel(_sdpa, lambda d: True, dense_only=True, window=False, softcap=False),
+    "sdpa": Kernel(_sdpa, lambda d: True, window=False, softcap=False),
     "torch_varlen": Kernel(_torch_varlen, _has_torch_varlen, softcap=False, dropout=lambda d: False),
     "reference": Kernel(_reference, lambda d: True),
 }
@@ -304,10 +329,9 @@ def available_kernels(device: torch.device | str = "cuda") -> list[str]:
     return [name for name, k in KERNELS.items() if k.available(device)]
 
 
-def _supports(k: Kernel, layout: Layout, window, softcap, dropout, device: torch.device | None = None) -> bool:
+def _supports(k: Kernel, window, softcap, dropout, device: torch.device | None = None) -> bool:
     return (
-        (layout.dense or not k.dense_only)
-        and (not window or k.window)
+        (not window or k.window)
         and (not softcap or k.softcap)
         and (not dropout or k.dropout(device))
     )
@@ -321,18 +345,27 @@ def choose_kernel(device: torch.device, layout: Layout, window=None, softcap=Non
         k = KERNELS[forced]
         if not k.available(device):
             raise RuntimeError(f"Attention kernel {forced!r} is not available on {device}.")
-        if not _supports(k, layout, window, softcap, dropout, device):
+        if not _supports(k, window, softcap, dropout, device):
             raise ValueError(
-                f"Attention kernel {forced!r} cannot run this call (packed/padded={not layout.dense}, "
+                f"Attention kernel {forced!r} cannot run this call ("
                 f"sliding_window={window}, softcap={softcap}, dropout={dropout}); unset the forced kernel."
             )
         return forced
-    order = ["flash_attn", "sdpa", "torch_varlen", "reference"] if device.type == "cuda" else ["sdpa", "reference"]
-    for name in order:
+    for name in _auto_order(device, layout):
         k = KERNELS[name]
-        if k.available(device) and _supports(k, layout, window, softcap, dropout, device):
+        if k.available(device) and _supports(k, window, softcap, dropout, device):
             return name
     return "reference"
+
+
+def _auto_order(device: torch.device, layout: Layout) -> list[str]:
+    """The fastest kernels first (measured on H200: docs/benchmarks.md, "Packed sequences")."""
+    if device.type != "cuda":
+        return ["sdpa", "reference"]
+    sdpa = ["sdpa"] if layout.dense or _long_segments(layout) else []
+    if flash_version(device) == "fa2" and _capability(device)[0] >= 9:
+        return [*sdpa, "flash_attn", "torch_varlen", "reference"]  # cuDNN ~1.6x FA2 on Hopper
+    return ["flash_attn", *sdpa, "torch_varlen", "reference"]
 
 
 def attend(

@@ -136,6 +136,9 @@ def _make_layout(kind: str, B: int, S: int, dev, gen) -> Layout:
         return layout_from_positions(torch.arange(S, device=dev).expand(B, S), None)
     if kind == "packed":
         return layout_from_positions(_packed_positions(B, S, gen).to(dev), None)
+    if kind == "long_documents":  # two documents of S // 2 +- S // 8 tokens
+        cut = S // 2 + S // 8
+        return layout_from_positions(torch.cat([torch.arange(cut), torch.arange(S - cut)]).expand(B, S).to(dev), None)
     if kind == "left_padded":
         valid = torch.ones(B, S, dtype=torch.bool)
         for b in range(B):
@@ -174,7 +177,7 @@ def check_kernels(args) -> None:
         ref_err = max(rel_err(a, b) for a, b in zip(bf16_ref, gold))
         for name in names:
             k = kernels.KERNELS[name]
-            if not kernels._supports(k, layout, window, None, 0.0):
+            if not kernels._supports(k, window, None, 0.0):
                 log(f"[skip] kernels/{name}/{case}: not supported by the kernel")
                 continue
             for dtype in (torch.bfloat16, torch.float32):
@@ -192,10 +195,11 @@ def check_kernels(args) -> None:
                     record("kernels", label, False, error=f"{type(e).__name__}: {e}")
                     traceback.print_exc()
     # automatic choice: what each layout gets
-    for kind, window in (("dense", None), ("packed", None), ("dense", 256)):
-        layout = _make_layout(kind, 1, 1024, dev, gen)
+    for kind, S, window in (("dense", 1024, None), ("packed", 1024, None), ("dense", 1024, 256),
+                            ("long_documents", 16384, None)):
+        layout = _make_layout(kind, 1, S, dev, gen)
         chosen = kernels.choose_kernel(dev, layout, window)
-        record("kernels", f"auto/{kind}/window={window}", chosen in available, chosen=chosen)
+        record("kernels", f"auto/{kind}/S={S}/window={window}", chosen in available, chosen=chosen)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -404,7 +408,6 @@ def check_models(args) -> None:
         for kind in ("plain", "packed"):
             batch = make_batch(kind)
             window = model_config(name).sliding_window if name == "qwen2_swa" else None
-            segmented = kind == "packed"
             for dtype in (torch.bfloat16, torch.float32):
                 dname = str(dtype).split(".")[-1]
                 try:
@@ -420,8 +423,7 @@ def check_models(args) -> None:
                 for kname in todo:
                     if kname is not None:
                         k = kernels.KERNELS[kname]
-                        fake = Layout() if not segmented else Layout(segment_ids=torch.zeros(1))
-                        if not kernels._supports(k, fake, window, None, 0.0):
+                        if not kernels._supports(k, window, None, 0.0):
                             continue
                         if dtype == torch.float32 and kname in ("flash_attn", "torch_varlen"):
                             continue
