@@ -118,7 +118,7 @@ def main() -> None:
     if args.json:
         env = dict(device=torch.cuda.get_device_name() if DEV == "cuda" else "cpu", torch=torch.__version__,
                    cudnn=torch.backends.cudnn.version(), flash_attn=kernels.flash_version(torch.device(DEV)),
-                   sdpa_min_segment=kernels.SDPA_MIN_SEGMENT, commit=os.environ.get("BENCH_GIT_COMMIT"))
+                   commit=os.environ.get("BENCH_GIT_COMMIT"))
         with open(args.json, "w") as f:
             json.dump({"env": env, "args": vars(args), "results": results}, f, indent=1)
 

@@ -410,29 +410,29 @@ def test_attention_dropout_skips_flashattention_without_it(monkeypatch, module, 
     assert kernels.choose_kernel(cuda, Layout(), dropout=0.1) == with_dropout
 
 
-@pytest.mark.parametrize("module,capability,dense,long_docs,short_docs", [
-    (None, (9, 0), "sdpa", "sdpa", "torch_varlen"),
-    ("flash_attn", (9, 0), "sdpa", "sdpa", "flash_attn"),  # cuDNN before FA2 on Hopper
-    ("flash_attn", (8, 0), "flash_attn", "flash_attn", "flash_attn"),
-    ("flash_attn_interface", (9, 0), "flash_attn", "flash_attn", "flash_attn"),
-    ("flash_attn.cute", (10, 0), "flash_attn", "flash_attn", "flash_attn"),
+@pytest.mark.parametrize("module,capability,dense,packed", [
+    (None, (9, 0), "sdpa", "torch_varlen"),
+    ("flash_attn", (9, 0), "sdpa", "flash_attn"),  # cuDNN before FA2 on Hopper, for dense rows
+    ("flash_attn", (8, 0), "flash_attn", "flash_attn"),
+    ("flash_attn_interface", (9, 0), "flash_attn", "flash_attn"),
+    ("flash_attn.cute", (10, 0), "flash_attn", "flash_attn"),
 ])
-def test_cuda_dispatch_order(monkeypatch, module, capability, dense, long_docs, short_docs):
+def test_cuda_dispatch_order(monkeypatch, module, capability, dense, packed):
     import types
 
     monkeypatch.setattr(kernels, "_flash_module_on", lambda device: module and types.ModuleType(module))
     monkeypatch.setattr(kernels, "_capability", lambda device: capability)
-    varlen = dataclasses.replace(kernels.KERNELS["torch_varlen"], available=lambda device: True)
-    monkeypatch.setitem(kernels.KERNELS, "torch_varlen", varlen)
+    monkeypatch.setitem(kernels.KERNELS, "torch_varlen",
+                        dataclasses.replace(kernels.KERNELS["torch_varlen"], available=lambda device: True))
     cuda = torch.device("cuda")
-    n = kernels.SDPA_MIN_SEGMENT
-    long_layout = layout_from_positions(_packed_positions((2 * n, 8, 8)), None)  # rms length >= n
-    short_layout = layout_from_positions(_packed_positions((n, n // 2, n // 2)), None)  # rms length < n
+    packed_layout = layout_from_positions(_packed_positions((9000, 8)), None)
     assert kernels.choose_kernel(cuda, Layout()) == dense
-    assert kernels.choose_kernel(cuda, long_layout) == long_docs
-    assert kernels.choose_kernel(cuda, short_layout) == short_docs
-    # a sliding window never goes to sdpa
+    assert kernels.choose_kernel(cuda, packed_layout) == packed
+    # a sliding window never goes to sdpa; without flash_attn and torch_varlen, packed rows go to sdpa
     assert kernels.choose_kernel(cuda, Layout(), window=128) == ("flash_attn" if module else "torch_varlen")
+    monkeypatch.setitem(kernels.KERNELS, "torch_varlen",
+                        dataclasses.replace(kernels.KERNELS["torch_varlen"], available=lambda device: False))
+    assert kernels.choose_kernel(cuda, packed_layout) == ("flash_attn" if module else "sdpa")
 
 
 def test_flash_module_is_told_apart_by_distribution(tmp_path, monkeypatch):

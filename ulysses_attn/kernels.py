@@ -8,14 +8,12 @@ Which tokens may attend to which is described by a :class:`Layout`, built once p
 * segmented: rows hold several documents (packed, ``position_ids`` restarting) and/or tokens that
   must be ignored (left padding), flattened to ``cu_seqlens`` for varlen kernels.
 
-Kernels, in order of preference on CUDA: ``flash_attn`` (FA3 ``flash_attn_interface``, FA4
-``flash_attn.cute`` on Hopper and newer, or FA2 ``flash_attn``; see :func:`flash_version`),
-PyTorch ``sdpa`` (flash / cuDNN backends; no window or softcap; a segmented layout runs one call
-per segment), ``torch_varlen`` (``torch.nn.attention.varlen``, segmented without softcap) and
-``reference`` (exact eager math, every feature, O(S^2) memory: the fallback). On Hopper and newer,
-``sdpa`` (cuDNN) comes before FA2, and it takes a segmented layout only when its segments are long
-(:data:`SDPA_MIN_SEGMENT`): see :func:`choose_kernel`. Force one with ``ULYSSES_ATTN_KERNEL=<name>``
-or :func:`set_kernel`.
+Kernels: ``flash_attn`` (FA3 ``flash_attn_interface``, FA4 ``flash_attn.cute`` on Hopper and
+newer, or FA2 ``flash_attn``; see :func:`flash_version`), PyTorch ``sdpa`` (flash / cuDNN backends;
+no window or softcap; a segmented layout runs one call per segment), ``torch_varlen``
+(``torch.nn.attention.varlen``, segmented without softcap) and ``reference`` (exact eager math,
+every feature, O(S^2) memory: the fallback). The automatic choice takes the fastest that can run
+the call (:func:`choose_kernel`); force one with ``ULYSSES_ATTN_KERNEL=<name>`` or :func:`set_kernel`.
 """
 
 from __future__ import annotations
@@ -37,11 +35,6 @@ from . import flash4
 logger = logging.getLogger("ulysses_attn")
 
 __all__ = ["Layout", "layout_from_positions", "attend", "set_kernel", "available_kernels", "KERNELS"]
-
-# A segmented layout goes to ``sdpa`` (one cuDNN call per segment) only when its segments' root mean
-# square length reaches this: below it, ~0.25 ms of launches per segment (fwd + bwd) cost more than
-# cuDNN saves over the FA2 varlen kernel (H200: break-even between 2K and 4K tokens per segment).
-SDPA_MIN_SEGMENT = 4096
 
 
 @dataclass
@@ -295,11 +288,6 @@ def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
-def _long_segments(layout: Layout) -> bool:
-    lengths = layout.seqlens
-    return sum(n * n for n in lengths) >= len(lengths) * SDPA_MIN_SEGMENT**2
-
-
 def _has_torch_varlen(device: torch.device) -> bool:
     return device.type == "cuda" and importlib.util.find_spec("torch.nn.attention.varlen") is not None
 
@@ -359,13 +347,14 @@ def choose_kernel(device: torch.device, layout: Layout, window=None, softcap=Non
 
 
 def _auto_order(device: torch.device, layout: Layout) -> list[str]:
-    """The fastest kernels first (measured on H200: docs/benchmarks.md, "Packed sequences")."""
+    """The fastest kernels first (H200 measurements in docs/benchmarks.md, "Kernel choice")."""
     if device.type != "cuda":
-        return ["sdpa", "reference"]
-    sdpa = ["sdpa"] if layout.dense or _long_segments(layout) else []
+        return ["sdpa", "reference"]  # packed: sdpa per document, O(S) memory where the reference needs O(S^2)
+    if not layout.dense:  # sdpa per document is the last resort: cuDNN builds a graph (~0.1 s) per new length
+        return ["flash_attn", "torch_varlen", "sdpa", "reference"]
     if flash_version(device) == "fa2" and _capability(device)[0] >= 9:
-        return [*sdpa, "flash_attn", "torch_varlen", "reference"]  # cuDNN ~1.6x FA2 on Hopper
-    return ["flash_attn", *sdpa, "torch_varlen", "reference"]
+        return ["sdpa", "flash_attn", "torch_varlen", "reference"]  # cuDNN ~1.7x the FA2 kernel on Hopper
+    return ["flash_attn", "sdpa", "torch_varlen", "reference"]
 
 
 def attend(
