@@ -95,6 +95,12 @@ def selective_checkpointing(model) -> tuple[int, int]:
     return sum(map(selective.keeps_attention_outputs, model.model.layers)), selective.replayed_attention_outputs()
 
 
+def compiled_graphs() -> int:
+    """How many graphs torch.compile (dynamo) built in this process (0 without --torch_compile)."""
+    dynamo = sys.modules.get("torch._dynamo.utils")
+    return int(dynamo.counters["stats"]["unique_graphs"]) if dynamo else 0
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--output_dir", required=True)
@@ -113,6 +119,7 @@ def main():
     p.add_argument("--save_steps", type=int, default=0, help="save a checkpoint every N steps (0: never)")
     p.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --output_dir")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--torch_compile", action="store_true", help="TrainingArguments(torch_compile=True)")
     args = p.parse_args()
 
     texts = [json.loads(line)["text"] for line in open(args.data)]
@@ -151,6 +158,7 @@ def main():
         seed=args.seed,
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
+        torch_compile=args.torch_compile,
     )
     seen = LongestSequenceSeen(model, head=args.record_head_rows)
     trainer = Trainer(model=model, args=training_args, train_dataset=train,
@@ -162,7 +170,8 @@ def main():
     zero3_leaves = len(ds_utils.get_z3_leaf_modules(trainer.model)) if ds_utils else 0
     if trainer.is_world_process_zero():
         os.makedirs(args.output_dir, exist_ok=True)
-        torch.save({k: v.detach().cpu() for k, v in state.items()}, os.path.join(args.output_dir, "weights.pt"))
+        weights = {k.removeprefix("_orig_mod."): v.detach().cpu() for k, v in state.items()}  # torch.compile's wrapper
+        torch.save(weights, os.path.join(args.output_dir, "weights.pt"))
         with open(os.path.join(args.output_dir, "result.json"), "w") as f:
             json.dump({"log_history": trainer.state.log_history, "longest_sequence_seen": seen.longest,
                        "lm_head_rows_max": seen.head_rows, "mlp_rows_max": seen.mlp_rows,
@@ -170,6 +179,7 @@ def main():
                        "selective_checkpointing_layers": selective_layers,
                        "attention_calls_not_recomputed": skipped_attention,
                        "zero3_leaf_modules": zero3_leaves,
+                       "compiled_graphs": compiled_graphs(),
                        "world_size": training_args.world_size}, f, indent=1)
 
 

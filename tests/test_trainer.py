@@ -70,3 +70,12 @@ def test_launch_without_distributed_is_a_clear_error(tmp_path):
     assert proc.returncode != 0
     assert "torch.distributed, which is not initialised" in proc.stderr
     assert "torchrun" in proc.stderr
+
+
+def test_sp2_with_torch_compile(tmp_path, baselines):
+    # TrainingArguments(torch_compile=True): dynamo compiles the model around the attention's
+    # collectives (graph breaks there); the training equals the uncompiled run without SP
+    ref = baselines("plain", extra=["--eval"])
+    sp_run = run(tmp_path, nproc=2, sp=2, extra=["--eval", "--torch_compile"])
+    assert sp_run[0]["compiled_graphs"] > 0 and ref[0]["compiled_graphs"] == 0
+    assert_same_training(sp_run, ref, 2)
