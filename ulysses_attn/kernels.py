@@ -326,6 +326,8 @@ def _supports(k: Kernel, window, softcap, dropout, device: torch.device | None =
 
 
 def choose_kernel(device: torch.device, layout: Layout, window=None, softcap=None, dropout=0.0) -> str:
+    """The forced kernel (checked: it must be available and able to run the call), else the first of
+    :func:`_auto_order` that is available here and supports the window, softcap and dropout."""
     forced = _forced or os.environ.get("ULYSSES_ATTN_KERNEL") or None
     if forced:
         if forced not in KERNELS:
