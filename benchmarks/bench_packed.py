@@ -73,17 +73,19 @@ def run(args) -> list[dict]:
                 draws = [random_lengths(tokens, documents, gen) for _ in range(args.warmup + args.iters)]
                 fresh = [layout_for(d) for d in draws]
                 same = [fresh[0]] * (args.warmup + args.iters)
-                sq = statistics.mean(sum(n * n for n in d) for d in draws[args.warmup:])
+                sq = {"fresh": statistics.mean(sum(n * n for n in d) for d in draws[args.warmup:]),
+                      "same": sum(n * n for n in draws[0])}
                 auto = kernels.choose_kernel(torch.device(DEV), fresh[0])
                 for name in names:
                     row = dict(tokens=tokens, heads=args.heads, kv_heads=args.kv_heads, head_dim=head_dim,
-                               documents=documents, rms_length=round((sq / documents) ** 0.5), kernel=name, auto=auto)
+                               documents=documents, rms_length=round((sq["fresh"] / documents) ** 0.5), kernel=name,
+                               auto=auto)
                     try:
                         time_kernel(name, q, k, v, do, same[: args.warmup])
                         for label, layouts in (("same", same), ("fresh", fresh)):
                             sec = time_kernel(name, q, k, v, do, layouts[args.warmup:])
                             row[f"ms_{label}"] = round(sec * 1e3, 3)
-                            row[f"tflops_{label}"] = round(7 * sq * args.heads * head_dim / sec / 1e12, 1)
+                            row[f"tflops_{label}"] = round(7 * sq[label] * args.heads * head_dim / sec / 1e12, 1)
                     except Exception as e:  # noqa: BLE001 - one kernel failing is a result, not the end
                         row["error"] = f"{type(e).__name__}: {e}"[:300]
                     print(json.dumps(row), flush=True)

@@ -2,10 +2,11 @@
 
     python benchmarks/plot.py            # writes docs/img/*.png (needs matplotlib)
 
-Each figure names the GPU from the JSON's ``info.gpu`` and plots tokens/s per GPU and peak memory
-per GPU against the sequence length, one line per mode; configurations that ran out of memory are
-drawn as crosses at the GPU's memory (``--gpu-memory-gib`` where it was capped), other failures
-are left out.
+Each training figure names the GPU from the JSON's ``info.gpu`` and plots tokens/s per GPU and
+peak memory per GPU against the sequence length, one line per mode; configurations that ran out of
+memory are drawn as crosses at the GPU's memory (``--gpu-memory-gib`` where it was capped), other
+failures are left out. ``packed_kernels.png`` plots bench_packed.py's attention TFLOP/s against the
+number of packed documents, one line per kernel.
 """
 
 from __future__ import annotations
@@ -130,6 +131,47 @@ def plot(key: str, spec: dict, out: Path) -> Path:
     return path
 
 
+# bench_packed.py: attention TFLOP/s against the number of packed documents, one line per kernel
+PACKED = dict(
+    title="Inner attention on 65536 packed tokens, 16 / 4 heads, head_dim 128, forward + backward",
+    lines=[  # (file, kernel, timing, label)
+        ("2026-11-29_h200_packed_kernels/packed_64k.json", "flash_attn", "fresh", "FlashAttention-4 (varlen)"),
+        ("2026-11-29_h200_fa2/packed_fa2.json", "flash_attn", "fresh", "FlashAttention 2 (varlen)"),
+        ("2026-11-29_h200_packed_kernels/packed_64k.json", "torch_varlen", "fresh", "torch_varlen (FA2 in PyTorch)"),
+        ("2026-11-29_h200_packed_kernels/packed_64k.json", "sdpa", "same", "sdpa per document, lengths repeat"),
+        ("2026-11-29_h200_packed_kernels/packed_64k.json", "sdpa", "fresh", "sdpa per document, new lengths"),
+    ],
+)
+
+
+def plot_packed(out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    gpus = set()
+    for name, kernel, timing, label in PACKED["lines"]:
+        data = json.loads((RESULTS / name).read_text())
+        gpus.add(data["env"]["device"])
+        rows = [r for r in data["results"] if r["kernel"] == kernel and r["head_dim"] == 128 and "error" not in r]
+        ax.plot([r["documents"] for r in rows], [r[f"tflops_{timing}"] for r in rows], marker="o",
+                linestyle="--" if timing == "same" and kernel == "sdpa" else "-", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("documents in the sequence (random lengths)")
+    ax.set_ylabel("TFLOP/s (7 * sum(L_i^2) * H * D / time)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{PACKED['title']} -- {', '.join(sorted(gpus))}", fontsize=9)
+    fig.tight_layout()
+    path = out / "packed_kernels.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(ROOT.parent / "docs" / "img"))
@@ -138,6 +180,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     for key, spec in FIGURES.items():
         print(plot(key, spec, out))
+    print(plot_packed(out))
 
 
 if __name__ == "__main__":
