@@ -50,7 +50,7 @@ def _parity_worker(rank, world, model_name):
     return {kind: _parity_case(world, model_name, kind) for kind in KINDS}
 
 
-def _parity_case(world, model_name, kind, **overrides):
+def _parity_case(world, model_name, kind, checkpointing=None, **overrides):
     sp = ulysses_attn.get_sequence_parallel()
     # use_cache=False: with a cache, transformers' own masks ignore packed position_ids
     batch = {**make_batch(kind), "use_cache": False}
@@ -60,9 +60,13 @@ def _parity_case(world, model_name, kind, **overrides):
 
     model = build(model_name, "ulysses_flash", **overrides)
     model.loss_function = causal_lm_loss
-    seen = []
+    if checkpointing is not None:  # gradient checkpointing: the all-to-alls run again in the backward
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+        model.train()
+    seen, attention_calls = [], []
     for layer in model.model.layers:
         layer.register_forward_hook(lambda m, a, kw, out: seen.append(kw.get("hidden_states", a[0] if a else None).shape[1]), with_kwargs=True)
+        layer.self_attn.register_forward_hook(lambda *_: attention_calls.append(1))  # inside a checkpoint too
     shard = shard_batch(batch)
     out = model(**shard)
     out.loss.backward()
@@ -77,6 +81,7 @@ def _parity_case(world, model_name, kind, **overrides):
     keep = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
     return {
         "local_seq": set(seen),
+        "attention_calls": (len(attention_calls), len(model.model.layers)),
         "shard_seq": shard["input_ids"].shape[1],
         "loss": (out.loss.item(), ref_out.loss.item()),
         "logits": rel_err(full_logits[keep], ref_out.logits.detach()[keep]),
@@ -90,6 +95,22 @@ def test_forward_backward_parity(model_name, world):
     results = run_distributed(_parity_worker, world, model_name)
     for kind in KINDS:
         _check(kind, world, [r[kind] for r in results])
+
+
+def _checkpointing_worker(rank, world, use_reentrant):
+    ulysses_attn.init_sequence_parallel(world)
+    return {kind: _parity_case(world, "llama", kind, checkpointing={"use_reentrant": use_reentrant})
+            for kind in ("plain", "packed")}
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_parity_with_gradient_checkpointing(use_reentrant):
+    results = run_distributed(_checkpointing_worker, 2, use_reentrant)
+    for kind in ("plain", "packed"):
+        _check(kind, 2, [r[kind] for r in results])
+        for r in results:  # every layer's attention ran twice: forward, then recomputed in the backward
+            calls, layers = r[kind]["attention_calls"]
+            assert calls == 2 * layers, (calls, layers)
 
 
 def _padded_heads_worker(rank, world, model_name, heads, kv_heads):
