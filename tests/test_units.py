@@ -383,6 +383,30 @@ def test_sdpa_kernel_runs_segments_like_the_reference(causal):
     assert results[0][0][1, :3].eq(0).all()
 
 
+def test_sdpa_rounds_lengths_up_for_cudnn_and_stays_exact(monkeypatch):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(kernels, "_capability", lambda device: (9, 0))
+    assert [kernels._sdpa_length(cuda, s) for s in (16384, 16448, 16385, 1531, 100, 64)] == [
+        16384, 17408, 17408, 1536, 128, 64]  # 16 steps per doubling, at least 64 tokens
+    assert all(kernels._sdpa_length(cuda, s) - s < s / 16 + 64 for s in range(1, 70000, 997))
+    assert kernels._sdpa_length(cpu, 16448) == 16448
+    monkeypatch.setattr(kernels, "_capability", lambda device: (8, 0))  # SDPA runs FA2 there: no graphs
+    assert kernels._sdpa_length(cuda, 16448) == 16448
+    # the padded call gives the unpadded result and gradients (causal: appended tokens are never seen)
+    layout = Layout()
+    inputs = _rand_qkv(2, 13, 4, 2, 8, seed=5)
+    results = []
+    for extra in (0, 7):
+        monkeypatch.setattr(kernels, "_sdpa_length", lambda device, S: S + extra)
+        q, k, v = (t.clone().requires_grad_(True) for t in inputs)
+        out = _run("sdpa", q, k, v, layout)
+        assert out.shape == q.shape
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append((out, q.grad, k.grad, v.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
+
+
 def test_attend_dispatch_on_cpu():
     dense, packed = Layout(), layout_from_positions(_packed_positions((3, 5)), None)
     assert kernels.choose_kernel(torch.device("cpu"), dense) == "sdpa"

@@ -144,11 +144,25 @@ def _sdpa(q, k, v, layout: Layout, *, causal, scale, dropout, window, softcap):
         out = torch.cat([_sdpa(*(t[None] for t in seg), Layout(), causal=causal, scale=scale, dropout=dropout,
                                window=None, softcap=None)[0] for seg in segments])
         return _varlen_output(out, q.shape, layout)
+    S = q.shape[1]
+    padded = _sdpa_length(q.device, S) if causal else S
+    if padded != S:  # tokens appended at the end cannot change earlier ones under causal attention
+        q, k, v = (F.pad(t, (0, 0, 0, 0, 0, padded - S)) for t in (q, k, v))
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     out = F.scaled_dot_product_attention(
         q, k, v, dropout_p=dropout, is_causal=causal, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
     )
-    return out.transpose(1, 2)
+    return out.transpose(1, 2)[:, :S]
+
+
+def _sdpa_length(device: torch.device, S: int) -> int:
+    """The length ``sdpa`` runs a causal sequence of ``S`` tokens at. cuDNN (what SDPA runs on Hopper
+    and newer) builds a graph for every new length, ~0.1 s each (docs/benchmarks.md); rounded up to
+    16 steps per doubling of the length (at most 1/16 more tokens), varying lengths share graphs."""
+    if device.type != "cuda" or not torch.backends.cuda.cudnn_sdp_enabled() or _capability(device)[0] < 9:
+        return S
+    step = max(64, 1 << max(S.bit_length() - 5, 0))
+    return -(-S // step) * step
 
 
 def _varlen_inputs(q, k, v, layout: Layout):
