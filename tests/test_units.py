@@ -390,6 +390,10 @@ def test_sdpa_rounds_lengths_up_for_cudnn_and_stays_exact(monkeypatch):
         16384, 17408, 17408, 1536, 128, 64]  # 16 steps per doubling, at least 64 tokens
     assert all(kernels._sdpa_length(cuda, s) - s < s / 16 + 64 for s in range(1, 70000, 997))
     assert kernels._sdpa_length(cpu, 16448) == 16448
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    symbolic = ShapeEnv().create_unbacked_symint()  # a length under torch.compile with dynamic shapes
+    assert kernels._sdpa_length(cuda, symbolic) is symbolic
     monkeypatch.setattr(kernels, "_capability", lambda device: (8, 0))  # SDPA runs FA2 there: no graphs
     assert kernels._sdpa_length(cuda, 16448) == 16448
     # the padded call gives the unpadded result and gradients (causal: appended tokens are never seen)

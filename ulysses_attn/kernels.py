@@ -159,7 +159,8 @@ def _sdpa_length(device: torch.device, S: int) -> int:
     """The length ``sdpa`` runs a causal sequence of ``S`` tokens at. cuDNN (what SDPA runs on Hopper
     and newer) builds a graph for every new length, ~0.1 s each (docs/benchmarks.md); rounded up to
     16 steps per doubling of the length (at most 1/16 more tokens), varying lengths share graphs."""
-    if device.type != "cuda" or not torch.backends.cuda.cudnn_sdp_enabled() or _capability(device)[0] < 9:
+    if (not isinstance(S, int) or device.type != "cuda"  # S is a SymInt when torch.compile traces dynamic shapes
+            or not torch.backends.cuda.cudnn_sdp_enabled() or _capability(device)[0] < 9):
         return S
     step = max(64, 1 << max(S.bit_length() - 5, 0))
     return -(-S // step) * step
