@@ -394,6 +394,9 @@ def test_sdpa_rounds_lengths_up_for_cudnn_and_stays_exact(monkeypatch):
 
     symbolic = ShapeEnv().create_unbacked_symint()  # a length under torch.compile with dynamic shapes
     assert kernels._sdpa_length(cuda, symbolic) is symbolic
+    monkeypatch.setattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: False)  # cuDNN off: no graphs
+    assert kernels._sdpa_length(cuda, 16448) == 16448
+    monkeypatch.setattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: True)
     monkeypatch.setattr(kernels, "_capability", lambda device: (8, 0))  # SDPA runs FA2 there: no graphs
     assert kernels._sdpa_length(cuda, 16448) == 16448
     # the padded call gives the unpadded result and gradients (causal: appended tokens are never seen)
@@ -456,6 +459,10 @@ def test_cuda_dispatch_order(monkeypatch, module, capability, dense, packed):
     packed_layout = layout_from_positions(_packed_positions((9000, 8)), None)
     assert kernels.choose_kernel(cuda, Layout()) == dense
     assert kernels.choose_kernel(cuda, packed_layout) == packed
+    if module == "flash_attn" and capability[0] >= 9:  # cuDNN switched off: SDPA would run FA2 itself
+        monkeypatch.setattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: False)
+        assert kernels.choose_kernel(cuda, Layout()) == "flash_attn"
+        monkeypatch.setattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: True)
     # a sliding window never goes to sdpa; without flash_attn and torch_varlen, packed rows go to sdpa
     assert kernels.choose_kernel(cuda, Layout(), window=128) == ("flash_attn" if module else "torch_varlen")
     monkeypatch.setitem(kernels.KERNELS, "torch_varlen",

@@ -159,8 +159,7 @@ def _sdpa_length(device: torch.device, S: int) -> int:
     """The length ``sdpa`` runs a causal sequence of ``S`` tokens at. cuDNN (what SDPA runs on Hopper
     and newer) builds a graph for every new length, ~0.1 s each (docs/benchmarks.md); rounded up to
     16 steps per doubling of the length (at most 1/16 more tokens), varying lengths share graphs."""
-    if (not isinstance(S, int) or device.type != "cuda"  # S is a SymInt when torch.compile traces dynamic shapes
-            or not torch.backends.cuda.cudnn_sdp_enabled() or _capability(device)[0] < 9):
+    if not isinstance(S, int) or not _sdpa_runs_cudnn(device):  # a SymInt under torch.compile's dynamic shapes
         return S
     step = max(64, 1 << max(S.bit_length() - 5, 0))
     return -(-S // step) * step
@@ -239,7 +238,7 @@ def _flash_module(capability: tuple[int, int]):
 
 @functools.lru_cache(maxsize=None)
 def _flash_module_on(device: torch.device):
-    return _flash_module(torch.cuda.get_device_capability(device)) if device.type == "cuda" else None
+    return _flash_module(_capability(device)) if device.type == "cuda" else None
 
 
 def flash_version(device: torch.device) -> str | None:
@@ -301,6 +300,11 @@ class Kernel:
 
 def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
+
+
+def _sdpa_runs_cudnn(device: torch.device) -> bool:
+    """Whether SDPA runs cuDNN's attention here: what it picks on Hopper and newer, unless disabled."""
+    return device.type == "cuda" and torch.backends.cuda.cudnn_sdp_enabled() and _capability(device)[0] >= 9
 
 
 def _has_torch_varlen(device: torch.device) -> bool:
@@ -369,7 +373,7 @@ def _auto_order(device: torch.device, layout: Layout) -> list[str]:
         return ["sdpa", "reference"]  # packed: sdpa per document, O(S) memory where the reference needs O(S^2)
     if not layout.dense:  # sdpa per document is the last resort: cuDNN builds a graph (~0.1 s) per new length
         return ["flash_attn", "torch_varlen", "sdpa", "reference"]
-    if flash_version(device) == "fa2" and _capability(device)[0] >= 9:
+    if flash_version(device) == "fa2" and _sdpa_runs_cudnn(device):
         return ["sdpa", "flash_attn", "torch_varlen", "reference"]  # cuDNN ~1.7x the FA2 kernel on Hopper
     return ["flash_attn", "sdpa", "torch_varlen", "reference"]
 

@@ -58,7 +58,7 @@ def _deepspeed_sp_size() -> tuple[object, str | None]:
 
 
 def _positive_int(value, source: str) -> int:
-    whole = isinstance(value, int) and not isinstance(value, bool) or isinstance(value, str) and value.strip().isdigit()
+    whole = (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and value.strip().isdigit())
     if not whole or int(value) < 1:
         raise ValueError(f"{source} must be a positive integer (the sequence-parallel size); got {value!r}.")
     return int(value)
