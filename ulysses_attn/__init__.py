@@ -4,9 +4,10 @@
 >>> model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="ulysses_flash")
 >>> ulysses_attn.enable(sp_size=4)      # or: python -m ulysses_attn.launch --sp-size 4 train.py
 >>> ulysses_attn.enable(sp_size=4, long_sequence=True)   # + chunked loss, tiled MLP, offload
+>>> ulysses_attn.disable()              # every patched object back to its original
 """
 
-from .compat import ATTN_IMPLEMENTATION, register
+from .registration import ATTN_IMPLEMENTATION, register
 from .groups import (
     SequenceParallel,
     destroy_sequence_parallel,
@@ -14,7 +15,7 @@ from .groups import (
     init_sequence_parallel,
 )
 from .data import UlyssesCollator, UlyssesSampler, shard_batch
-from .integrations.trainer import enable
+from .integrations.trainer import disable, enable
 from .kernels import available_kernels, set_kernel
 from .loss import causal_lm_loss, chunked_causal_lm_loss, sp_sum
 from .memory import MemoryOptions, configure_memory
@@ -25,6 +26,7 @@ register()
 __all__ = [
     "ATTN_IMPLEMENTATION",
     "enable",
+    "disable",
     "SequenceParallel",
     "init_sequence_parallel",
     "get_sequence_parallel",

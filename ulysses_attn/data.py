@@ -16,11 +16,11 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from .groups import SequenceParallel, get_sequence_parallel
-from .kernels import layout_from_positions
+from .labels import IGNORE_INDEX, shift_labels
+from .layout import layout_from_positions
 
 __all__ = ["UlyssesSampler", "UlyssesCollator", "shard_batch", "IGNORE_INDEX"]
 
-IGNORE_INDEX = -100
 # Per-token keys that are not padded with 0 (anything else per-token is padded with 0).
 _PAD_VALUES = {"labels": IGNORE_INDEX, "shift_labels": IGNORE_INDEX}
 # Keys that describe the whole (unsharded) packed batch; the attention derives them from positions.
@@ -84,8 +84,7 @@ def shard_batch(
     elif out["position_ids"].shape[0] != bsz:
         out["position_ids"] = out["position_ids"].expand(bsz, seq).clone()
     if "labels" in out and "shift_labels" not in out:
-        labels = out["labels"]
-        out["shift_labels"] = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        out["shift_labels"] = shift_labels(out["labels"])
 
     per_token = [k for k, v in out.items() if torch.is_tensor(v) and v.dim() >= 2 and v.shape[:2] == (bsz, seq)]
     pad = (-seq) % size

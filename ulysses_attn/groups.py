@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch.distributed as dist
 
+from .state import STATE
+
 __all__ = [
     "SequenceParallel",
     "init_sequence_parallel",
@@ -36,8 +38,10 @@ class SequenceParallel:
     dp_group: dist.ProcessGroup | None = field(repr=False)
     ranks: tuple[int, ...] = ()
 
-
-_STATE: SequenceParallel | None = None
+    @classmethod
+    def single(cls) -> SequenceParallel:
+        """The handle of a run without sequence parallelism (P = 1, no groups)."""
+        return cls(1, 0, None, 1, 0, None, (0,))
 
 
 def init_sequence_parallel(sp_size: int) -> SequenceParallel:
@@ -50,13 +54,12 @@ def init_sequence_parallel(sp_size: int) -> SequenceParallel:
     >>> sp = init_sequence_parallel(4)          # world 8 -> 2 SP groups of 4, DP size 2
     >>> sp.size, sp.rank, sp.dp_size, sp.dp_rank
     """
-    global _STATE
     if not isinstance(sp_size, int) or sp_size < 1:
         raise ValueError(f"sp_size must be a positive integer, got {sp_size!r}.")
     if not dist.is_available() or not dist.is_initialized():
         if sp_size == 1:
-            _STATE = SequenceParallel(1, 0, None, 1, 0, None, (0,))
-            return _STATE
+            STATE.sp = SequenceParallel.single()
+            return STATE.sp
         raise RuntimeError(
             f"Sequence parallelism of size {sp_size} needs torch.distributed, which is not initialised. "
             "Launch with `torchrun --nproc_per_node N ...` or `accelerate launch --num_processes N ...` "
@@ -69,11 +72,12 @@ def init_sequence_parallel(sp_size: int) -> SequenceParallel:
             f"The sequence-parallel size ({sp_size}) must divide the world size ({world}). "
             f"Sizes that work with {world} processes: {divisors}."
         )
-    if _STATE is not None:
-        if _STATE.size == sp_size and _STATE.dp_size * _STATE.size == world:
-            return _STATE
+    current = STATE.sp
+    if current is not None:
+        if current.size == sp_size and current.dp_size * current.size == world:
+            return current
         raise RuntimeError(
-            f"Sequence parallelism is already initialised with size {_STATE.size}; "
+            f"Sequence parallelism is already initialised with size {current.size}; "
             f"call destroy_sequence_parallel() before re-initialising with size {sp_size}."
         )
     dp_size = world // sp_size
@@ -90,7 +94,7 @@ def init_sequence_parallel(sp_size: int) -> SequenceParallel:
         group = dist.new_group(list(ranks))
         if rank in ranks:
             dp_group = group
-    _STATE = SequenceParallel(
+    STATE.sp = SequenceParallel(
         size=sp_size,
         rank=rank % sp_size,
         group=sp_group,
@@ -99,15 +103,19 @@ def init_sequence_parallel(sp_size: int) -> SequenceParallel:
         dp_group=dp_group,
         ranks=my_sp_ranks,
     )
-    return _STATE
+    return STATE.sp
 
 
 def get_sequence_parallel() -> SequenceParallel | None:
     """The handle made by :func:`init_sequence_parallel`, or ``None`` when not initialised."""
-    return _STATE
+    return STATE.sp
 
 
 def destroy_sequence_parallel() -> None:
-    """Forget the SP/DP groups (the process groups themselves are freed with the default group)."""
-    global _STATE
-    _STATE = None
+    """Free the SP/DP process groups and forget them (every rank calls it; no collective runs)."""
+    sp, STATE.sp = STATE.sp, None
+    if sp is None or not (dist.is_available() and dist.is_initialized()):
+        return
+    for group in {id(g): g for g in (sp.group, sp.dp_group) if isinstance(g, dist.ProcessGroup)}.values():
+        if group is not dist.group.WORLD:
+            dist.destroy_process_group(group)

@@ -13,6 +13,9 @@ mean over the whole group, and the gradient the optimizer sees must equal the no
 
 from __future__ import annotations
 
+from enum import Enum
+from typing import Any
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -21,10 +24,51 @@ from torch.utils.checkpoint import checkpoint
 from .comm import all_reduce_sum, chunk_count, split_chunks
 from .fused_cross_entropy import linear_cross_entropy_sum
 from .groups import SequenceParallel, get_sequence_parallel
+from .labels import IGNORE_INDEX, shift_labels as _shift
 
-__all__ = ["causal_lm_loss", "chunked_causal_lm_loss", "sp_sum", "default_loss_chunk_tokens"]
+__all__ = ["causal_lm_loss", "chunked_causal_lm_loss", "sp_sum", "default_loss_chunk_tokens", "LossPath",
+           "loss_path", "fused_head_applies"]
 
-IGNORE_INDEX = -100
+
+class LossPath(str, Enum):
+    """How the loss of a training step is computed (:func:`loss_path` decides)."""
+
+    TRL_FUSED_HEAD = "trl_fused_head"  # TRL's fused LM head: whole batch, sharded inside the forward
+    CHUNKED = "chunked"  # backbone hidden states -> chunked_causal_lm_loss, no full logits
+    SP_LOGITS = "sp_logits"  # the model's forward; loss_function = causal_lm_loss, reduced over the SP group
+    PLAIN = "plain"  # the model's own forward and loss
+
+
+def loss_path(
+    model: torch.nn.Module,
+    *,
+    chunked_loss: bool,
+    trl_fused_head: bool = False,
+    sp_size: int | None = None,
+    call: tuple[tuple, dict[str, Any]] | None = None,
+    training: bool = True,
+) -> LossPath:
+    """The one decision of the loss path, for a trainer (``call=None``: a labelled training step)
+    or for one forward ``call=(args, kwargs)`` of a model with the memory options.
+
+    The chunked loss needs a causal LM with an output embedding, keyword inputs with labels, a
+    training forward with gradients, and no MoE router loss (whose auxiliary terms need the model's
+    own forward); TRL's fused head (``fused_lm_head`` in the call) is chunked already."""
+    if sp_size is None:
+        sp = get_sequence_parallel()
+        sp_size = 1 if sp is None else sp.size
+    if trl_fused_head:
+        return LossPath.TRL_FUSED_HEAD
+    args, kwargs = call if call is not None else ((), {"labels": True})
+    chunked = (
+        chunked_loss and training and not args and "fused_lm_head" not in kwargs
+        and (kwargs.get("labels") is not None or kwargs.get("shift_labels") is not None)
+        and getattr(model, "get_output_embeddings", lambda: None)() is not None
+        and not getattr(model.config.get_text_config(), "output_router_logits", False)
+    )
+    if chunked:
+        return LossPath.CHUNKED
+    return LossPath.SP_LOGITS if sp_size > 1 else LossPath.PLAIN
 
 
 def sp_sum(x: torch.Tensor, sp: SequenceParallel | None = None) -> torch.Tensor:
@@ -74,7 +118,7 @@ def _full_sequence_shift_labels(labels, shift_labels, ignore_index, sp):
         )
     if labels is None:
         raise ValueError("causal_lm_loss needs labels or shift_labels.")
-    return F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    return _shift(labels, ignore_index)
 
 
 def _mean_over_group(local_sum, shift_labels, num_items_in_batch, ignore_index, sp):
@@ -90,9 +134,14 @@ def _mean_over_group(local_sum, shift_labels, num_items_in_batch, ignore_index, 
     return local_sum / count
 
 
-def _plain_linear(lm_head: torch.nn.Module) -> bool:
-    """A bias-free ``nn.Linear`` that nothing hooks (no accelerate device hooks, no forward hooks)
-    and that ZeRO-3 does not partition: its weight can be used directly, without calling it."""
+def fused_head_applies(lm_head: torch.nn.Module, logit_scale: float = 1.0,
+                       final_logit_softcapping: float | None = None) -> bool:
+    """Whether :func:`chunked_causal_lm_loss` fuses ``lm_head`` with the cross-entropy
+    (:mod:`~ulysses_attn.fused_cross_entropy`): a bias-free ``nn.Linear`` that nothing hooks (no
+    accelerate device hooks, no forward hooks) and that ZeRO-3 does not partition, so that its
+    weight can be used without calling it; and logits that are neither scaled nor soft-capped."""
+    if logit_scale != 1.0 or final_logit_softcapping is not None:
+        return False
     module_globals = torch.nn.modules.module
     hooked = (lm_head._forward_hooks or lm_head._forward_pre_hooks or hasattr(lm_head, "_hf_hook")
               or getattr(module_globals, "_global_forward_hooks", None)
@@ -152,7 +201,7 @@ def chunked_causal_lm_loss(
 
     # An empty shard (all labels ignored) still runs the head, so every rank's graph reaches it.
     count = chunk_count(len(targets), chunk_tokens, hidden.device)
-    if _plain_linear(lm_head) and logit_scale == 1.0 and final_logit_softcapping is None:
+    if fused_head_applies(lm_head, logit_scale, final_logit_softcapping):
         local_sum = linear_cross_entropy_sum(hidden, lm_head.weight, targets, count)
         return _mean_over_group(local_sum, shift_labels, num_items_in_batch, ignore_index, sp)
     local_sum = sum(

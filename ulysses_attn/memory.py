@@ -9,8 +9,8 @@
   to pinned host memory, overlapped with compute (:mod:`ulysses_attn.offload`).
 * ``selective_checkpointing`` (off; costs memory, saves time): checkpointed layers keep their
   attention kernel's output instead of recomputing it (:mod:`ulysses_attn.selective_checkpoint`);
-  with ``offload_checkpoints`` those outputs go to the host too (``offload_attention_outputs``, on:
-  one H200, 1B shape at 128K, 19.9 instead of 25.6 GiB for 1% of the step).
+  with ``offload_checkpoints`` those outputs go to the host too (``offload_attention_outputs``, on;
+  its cost and saving are measured in docs/benchmarks.md).
 
 ``enable(sp_size, long_sequence=True)`` (launcher: ``--long-sequence``) turns the first three on,
 and activation checkpointing with them, for every Trainer; :func:`configure_memory` does it for one
@@ -21,18 +21,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import os
 
 import torch
 
-from .loss import chunked_causal_lm_loss
+from . import patches
+from .loss import LossPath, chunked_causal_lm_loss, loss_path
+from .models import decoder_layers
 from .offload import CheckpointOffloader
-from .compat import decoder_layers
 from .selective_checkpoint import keep_attention_outputs_of, recompute_attention_outputs_of
+from .state import warn_once
 from .tiled_mlp import tile_mlp
-
-logger = logging.getLogger("ulysses_attn")
 
 __all__ = ["MemoryOptions", "configure_memory"]
 
@@ -108,9 +107,12 @@ def configure_memory(model: torch.nn.Module, options: MemoryOptions | None = Non
     if previous is not None and previous.selective_checkpointing and not options.selective_checkpointing:
         recompute_attention_outputs_of(decoder_layers(model.base_model))
     if previous is None:
-        model.forward = _chunked_loss_forward(model, model.forward)
+        patches.replace("transformers.PreTrainedModel.forward", model, "forward",
+                        _chunked_loss_forward(model, model.forward))
         backbone = model.base_model
-        backbone.forward = _backbone_forward(model, backbone.forward)
+        patches.replace("transformers.PreTrainedModel.base_model.forward", backbone, "forward",
+                        _backbone_forward(model, backbone.forward))
+        patches.track("ulysses_attn.model_attributes", model, functools.partial(_forget_memory, model))
     model._ulysses_memory = options
     model._ulysses_offloader.min_bytes = options.offload_min_bytes
     model._ulysses_offloader.offload_kept = options.offload_attention_outputs and options.selective_checkpointing
@@ -122,10 +124,9 @@ def _is_checkpointing(model: torch.nn.Module) -> bool:
     return bool(flag if flag is not None else model.is_gradient_checkpointing)
 
 
-@functools.cache
-def _warn_offload_without_checkpointing() -> None:
-    logger.warning("ulysses_attn: offload_checkpoints has no effect without activation checkpointing "
-                   "(model.gradient_checkpointing_enable() / TrainingArguments(activation_checkpointing=True)).")
+def _forget_memory(model: torch.nn.Module) -> None:
+    for name in ("_ulysses_memory", "_ulysses_offloader"):
+        model.__dict__.pop(name, None)
 
 
 def _backbone_forward(model: torch.nn.Module, original):
@@ -133,7 +134,8 @@ def _backbone_forward(model: torch.nn.Module, original):
     model._ulysses_offloader = offloader = CheckpointOffloader()
     layers = decoder_layers(model.base_model)
     if layers:  # what the forward saves after the last decoder layer is the first the backward needs
-        layers[-1].register_forward_hook(lambda *_: offloader.keep_rest())
+        handle = layers[-1].register_forward_hook(lambda *_: offloader.keep_rest())
+        patches.track("torch.nn.Module.register_forward_hook", layers[-1], handle.remove)
 
     @functools.wraps(original)
     def forward(*args, **kwargs):
@@ -146,7 +148,9 @@ def _backbone_forward(model: torch.nn.Module, original):
             with offloader:
                 return original(*args, **kwargs)
         if options.offload_checkpoints and training:
-            _warn_offload_without_checkpointing()
+            warn_once("offload_without_checkpointing", "ulysses_attn: offload_checkpoints has no effect without "
+                      "activation checkpointing (model.gradient_checkpointing_enable() / "
+                      "TrainingArguments(activation_checkpointing=True)).")
         return original(*args, **kwargs)
 
     return forward
@@ -154,16 +158,13 @@ def _backbone_forward(model: torch.nn.Module, original):
 
 def _chunked_loss_forward(model: torch.nn.Module, original):
     scale, softcap = _logit_transform(model.config)
-    moe = bool(getattr(model.config.get_text_config(), "output_router_logits", False))
 
     @functools.wraps(original)
     def forward(*args, **kwargs):
         options: MemoryOptions = model._ulysses_memory
-        has_labels = kwargs.get("labels") is not None or kwargs.get("shift_labels") is not None
-        if (
-            not options.chunked_loss or args or moe or not has_labels or "fused_lm_head" in kwargs
-            or not (model.training and torch.is_grad_enabled())
-        ):
+        training = model.training and torch.is_grad_enabled()
+        path = loss_path(model, chunked_loss=options.chunked_loss, call=(args, kwargs), training=training)
+        if path is not LossPath.CHUNKED:
             return original(*args, **kwargs)
         return _loss_from_hidden_states(model, options, scale, softcap, **kwargs)
 

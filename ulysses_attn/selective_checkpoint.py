@@ -1,7 +1,7 @@
 """Selective activation checkpointing: keep the attention kernel's output, recompute the rest.
 
-At long sequence lengths the attention kernel is most of a decoder layer's time (60-75% of a
-Llama-1B step at 64K-128K tokens), and full checkpointing runs its forward twice. Its output is
+At long sequence lengths the attention kernel is most of a decoder layer's time (measured shares
+in docs/benchmarks.md), and full checkpointing runs its forward twice. Its output is
 small by comparison: ``tokens x heads x head_dim`` (the size of the layer's hidden states) plus
 the softmax statistics. With this option each checkpointed layer keeps the kernel's outputs and
 recomputes everything else, so the backward skips the second attention forward.
@@ -31,8 +31,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode_stack
 from torch.utils._pytree import tree_map, tree_map_only
 
-from .compat import decoder_layers
+from . import patches
+from .models import decoder_layers
 from .offload import _Offloaded, active_offloader
+from .state import STATE
 
 __all__ = ["is_attention_op", "keep_attention_outputs", "keeps_attention_outputs", "replayed_attention_outputs"]
 
@@ -40,7 +42,7 @@ __all__ = ["is_attention_op", "keep_attention_outputs", "keeps_attention_outputs
 # backends, torch.nn.attention.varlen, flash-attn's registered ops, ulysses_attn::flash_attn4)
 _ATTENTION_OPS = ("scaled_dot_product", "_flash_attention_forward", "_efficient_attention_forward",
                   "_cudnn_attention_forward", "varlen_attn", "flash_attn")
-_replayed = 0
+_PATCH = "transformers.GradientCheckpointingLayer._gradient_checkpointing_func"
 
 
 @functools.lru_cache(maxsize=None)  # asked for every op that runs inside a checkpointed layer
@@ -52,16 +54,18 @@ def is_attention_op(op) -> bool:
 
 def replayed_attention_outputs() -> int:
     """How many attention kernel calls the recomputes of this process skipped so far."""
-    return _replayed
+    return STATE.replayed_attention_outputs
 
 
 class _AttentionOutputs(TorchDispatchMode):
     """Keeps (``replay=False``) or hands back (``replay=True``) the outputs of the attention ops
-    of one checkpointed call; the two modes of a call share ``kept``."""
+    of one checkpointed call; the two modes of a call share ``kept``. ``keeps_attention_outputs``
+    tells the kernels (which do not import this module) that a forward keeps them."""
 
     def __init__(self, kept: list, replay: bool):
         super().__init__()
         self.kept, self.replay, self.next = kept, replay, 0
+        self.keeps_attention_outputs = not replay
 
     def __enter__(self):
         self.next = 0  # a second backward of the same region starts over (and fails as PyTorch's would)
@@ -78,7 +82,6 @@ class _AttentionOutputs(TorchDispatchMode):
             keep = (lambda t: offloader.stash(t.detach())) if offloader else torch.Tensor.detach
             self.kept.append((offloader, tree_map_only(torch.Tensor, keep, out)))
             return out
-        global _replayed
         if self.next >= len(self.kept) or self.kept[self.next] is None:
             raise RuntimeError(
                 f"selective checkpointing: the recompute ran attention kernel #{self.next + 1} ({func}) but the "
@@ -86,7 +89,7 @@ class _AttentionOutputs(TorchDispatchMode):
                 "in its recompute (or it was run backward twice).")
         (offloader, out), self.kept[self.next] = self.kept[self.next], None
         self.next += 1
-        _replayed += 1
+        STATE.replayed_attention_outputs += 1
         if offloader is not None:
             out = tree_map(lambda t: offloader.restore(t) if isinstance(t, _Offloaded) else t, out)
         return out
@@ -94,7 +97,7 @@ class _AttentionOutputs(TorchDispatchMode):
 
 def keeping() -> bool:
     """Whether this forward runs inside a checkpointed layer that keeps its attention outputs."""
-    return any(isinstance(m, _AttentionOutputs) and not m.replay for m in _get_current_dispatch_mode_stack())
+    return any(getattr(m, "keeps_attention_outputs", False) for m in _get_current_dispatch_mode_stack())
 
 
 def _context():
@@ -119,26 +122,17 @@ def keep_attention_outputs_of(layers) -> int:
         if getattr(func, "keywords", {}).get("use_reentrant", False):
             raise ValueError("selective checkpointing needs non-reentrant checkpointing "
                              "(activation_checkpointing_kwargs={'use_reentrant': False}).")
-        keep = functools.partial(func, context_fn=_context)
-        keep._ulysses_keep = True
-        layer._gradient_checkpointing_func = keep
+        patches.replace(_PATCH, layer, "_gradient_checkpointing_func", functools.partial(func, context_fn=_context))
         changed += 1
     return changed
 
 
 def recompute_attention_outputs_of(layers) -> int:
     """Undo :func:`keep_attention_outputs_of`: the layers' checkpoints recompute everything again."""
-    changed = 0
-    for layer in layers:
-        if keeps_attention_outputs(layer):
-            keep = layer._gradient_checkpointing_func
-            keywords = {k: v for k, v in keep.keywords.items() if k != "context_fn"}
-            layer._gradient_checkpointing_func = functools.partial(keep.func, *keep.args, **keywords)
-            changed += 1
-    return changed
+    return sum(patches.restore(layer, "_gradient_checkpointing_func") for layer in layers)
 
 
 def keeps_attention_outputs(layer: torch.nn.Module) -> bool:
     """Whether the checkpoint of a decoder ``layer`` keeps its attention outputs (changed by
     :func:`keep_attention_outputs`)."""
-    return getattr(getattr(layer, "_gradient_checkpointing_func", None), "_ulysses_keep", False)
+    return patches.is_replaced(layer, "_gradient_checkpointing_func")

@@ -22,8 +22,9 @@ import sys
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from . import patches
 from .comm import chunk_count, split_chunks
-from .compat import decoder_layers
+from .models import decoder_layers
 
 __all__ = ["tile_mlp", "default_mlp_chunk_tokens"]
 
@@ -32,7 +33,7 @@ _MOE_ATTRIBUTES = ("experts", "router")
 
 def default_mlp_chunk_tokens(config) -> int:
     """About ``hidden_size`` tokens per chunk: each chunk's intermediate activations then take
-    ``3 * intermediate_size * hidden_size * 2`` bytes (336 MiB for Llama-3.1-8B in bf16), and the
+    ``3 * intermediate_size * hidden_size * 2`` bytes in bf16, and the
     chunk's matmuls stay large enough to run at full speed."""
     return max(1024, int(getattr(config.get_text_config(), "hidden_size", 4096)))
 
@@ -86,10 +87,13 @@ def tile_mlp(model: torch.nn.Module, chunk_tokens: int | None = None) -> int:
     tiling = getattr(model, "_ulysses_tiling", None)
     if tiling is None:
         model._ulysses_tiling = tiling = _Tiling(chunk_tokens)
+        patches.track("ulysses_attn.model_attributes", model, lambda: model.__dict__.pop("_ulysses_tiling", None))
         backbone = getattr(model, "base_model", model)
-        backbone.register_forward_pre_hook(tiling.agree, with_kwargs=True)
+        handle = backbone.register_forward_pre_hook(tiling.agree, with_kwargs=True)
+        patches.track("torch.nn.Module.register_forward_hook", backbone, handle.remove)
         for mlp in mlps:
-            mlp.forward = functools.partial(_tiled_forward, tiling, mlp.forward)
+            patches.replace("transformers.decoder_layer.mlp.forward", mlp, "forward",
+                            functools.partial(_tiled_forward, tiling, mlp.forward))
     _gather_whole_under_zero3(mlps)  # again on a later call: ZeRO-3 may have been configured since
     tiling.chunk_tokens, tiling.enabled = chunk_tokens, True
     return len(mlps)
@@ -109,11 +113,13 @@ def _gather_whole_under_zero3(mlps: list[torch.nn.Module]) -> None:
         if not is_deepspeed_zero3_enabled():
             return
     try:
-        from deepspeed.utils import set_z3_leaf_module
+        from deepspeed.utils import set_z3_leaf_module, z3_leaf_module
     except ImportError:
         return
     for mlp in mlps:
-        set_z3_leaf_module(mlp, True)
+        if not z3_leaf_module(mlp):
+            set_z3_leaf_module(mlp, True)
+            patches.track("deepspeed.utils.set_z3_leaf_module", mlp, functools.partial(set_z3_leaf_module, mlp, False))
 
 
 def _tiled_forward(tiling: _Tiling, forward, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:

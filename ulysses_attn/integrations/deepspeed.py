@@ -11,6 +11,8 @@ SP size and remove the key from the config DeepSpeed receives.
 
 from __future__ import annotations
 
+from .. import patches
+
 KEY = "sequence_parallel_size"
 
 
@@ -29,6 +31,8 @@ def reconcile_sequence_parallel_size(trainer, sp_size: int) -> None:
     """Check the config's ``sequence_parallel_size`` against ``sp_size`` and remove it."""
     for config in trainer_deepspeed_configs(trainer):
         size = config.pop(KEY, None)
+        if size is not None:
+            patches.track(f"deepspeed.config.{KEY}", config, lambda c=config, s=size: c.setdefault(KEY, s))
         if size is not None and int(size) != sp_size:
             raise ValueError(
                 f"The DeepSpeed config sets {KEY}={size} but sequence parallelism was initialised with size "

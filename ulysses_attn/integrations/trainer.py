@@ -14,10 +14,11 @@ script:
 * evaluation results are gathered once per SP group, so eval loss and metrics equal the non-SP
   ones.
 
-The Trainer surface touched is small: ``Trainer.__init__`` is wrapped (to attach the above to each
-instance); on the instance, ``accelerator.prepare_data_loader`` (every dataloader the trainer
-prepares is sharded over DP groups) and ``accelerator.gather_for_metrics`` are wrapped. TRL's
-fused-head trainers (SFT, DPO) keep whole batches instead: see ``integrations/trl.py``.
+The Trainer surface touched is small and listed in :mod:`ulysses_attn.patches`: ``Trainer.__init__``
+is wrapped (to attach the above to each instance); on the instance, the collator, the loss
+function, two arguments, and accelerate's dataloader preparation and metrics gather
+(``integrations/accelerate.py``). TRL's fused-head trainers (SFT, DPO) keep whole batches
+instead: see ``integrations/trl.py``. :func:`disable` undoes all of it.
 """
 
 from __future__ import annotations
@@ -28,24 +29,25 @@ import json
 import logging
 import os
 
-import torch
 import torch.distributed as dist
 
-from ..compat import ATTN_IMPLEMENTATION
+from .. import patches, state
 from ..data import UlyssesCollator
-from ..groups import SequenceParallel, get_sequence_parallel, init_sequence_parallel
+from ..groups import SequenceParallel, destroy_sequence_parallel, get_sequence_parallel, init_sequence_parallel
 from ..kernels import set_kernel
-from ..loss import causal_lm_loss
+from ..loss import LossPath, causal_lm_loss, loss_path
 from ..memory import MemoryOptions, configure_memory
+from ..models import ulysses_models, uses_ulysses
+from ..state import STATE
+from .accelerate import install_metrics_gather, shard_dataloaders_over_dp_groups
 from .deepspeed import reconcile_sequence_parallel_size
 from .trl import fused_trainer_classes, is_trl_trainer, patch_trl, trl_supported
 
 logger = logging.getLogger("ulysses_attn")
 
-__all__ = ["enable", "resolve_sp_size", "attach", "apply_memory_options"]
+__all__ = ["enable", "disable", "resolve_sp_size", "attach", "apply_memory_options", "trainer_loss_path"]
 
 _ENV_SIZE = "ULYSSES_SP_SIZE"
-_memory_options: MemoryOptions | None = None  # set by enable()
 
 
 def _deepspeed_sp_size() -> tuple[object, str | None]:
@@ -114,7 +116,6 @@ def enable(
     chunked loss, tiled MLP, activation checkpointing with overlapped CPU offload); ``memory``
     picks them one by one. Without either, SP runs use the chunked loss only.
     """
-    global _memory_options
     size = resolve_sp_size(sp_size)
     _init_distributed()
     sp = init_sequence_parallel(size)
@@ -122,7 +123,7 @@ def enable(
         set_kernel(kernel)
     if long_sequence and memory is not None:
         raise ValueError("pass either long_sequence=True or memory=MemoryOptions(...), not both")
-    _memory_options = MemoryOptions.long_sequence() if long_sequence else memory
+    STATE.memory = MemoryOptions.long_sequence() if long_sequence else memory
     _patch_trainer()
     patch_trl()
     if sp.size > 1:
@@ -130,10 +131,27 @@ def enable(
     return sp
 
 
+def disable(*, unregister: bool = False) -> None:
+    """Undo :func:`enable`: every patched object gets its original back (Trainers and models made
+    meanwhile included), the SP groups are destroyed and the runtime state is cleared, so that
+    ``enable`` can run again. ``unregister=True`` also removes ``"ulysses_flash"`` from
+    transformers (``import ulysses_attn`` / :func:`ulysses_attn.registration.register` adds it back).
+
+    >>> ulysses_attn.enable(sp_size=2); ...; ulysses_attn.disable()
+    """
+    patches.undo_all()
+    if unregister:
+        from ..registration import unregister as _unregister
+
+        _unregister()
+    destroy_sequence_parallel()
+    state.reset()
+
+
 def _patch_trainer() -> None:
     from transformers import Trainer
 
-    if getattr(Trainer.__init__, "_ulysses_patched", False):
+    if patches.is_replaced(Trainer, "__init__"):
         return
     original = Trainer.__init__
 
@@ -141,12 +159,12 @@ def _patch_trainer() -> None:
     def __init__(self, *args, **kwargs):
         original(self, *args, **kwargs)
         sp = get_sequence_parallel()
-        if sp is None or (sp.size == 1 and _memory_options is None):
+        if sp is None or (sp.size == 1 and STATE.memory is None):
             return
-        if _uses_ulysses(self.model):
+        if uses_ulysses(self.model):
             if sp.size > 1:
                 attach(self, sp)
-            apply_memory_options(self, (_memory_options or MemoryOptions()).with_env_overrides())
+            apply_memory_options(self, (STATE.memory or MemoryOptions()).with_env_overrides())
         elif sp.size > 1:
             logger.warning(
                 "ulysses_attn: sequence parallelism (size %d) is enabled but %s's model does not use "
@@ -154,21 +172,19 @@ def _patch_trainer() -> None:
                 sp.size, type(self).__name__,
             )
 
-    __init__._ulysses_patched = True
-    Trainer.__init__ = __init__
+    patches.replace("transformers.Trainer.__init__", Trainer, "__init__", __init__)
 
 
-def _ulysses_models(model: torch.nn.Module):
-    return [
-        m
-        for m in model.modules()
-        if getattr(getattr(m, "config", None), "_attn_implementation", None) == ATTN_IMPLEMENTATION
-        and hasattr(type(m), "loss_function")
-    ]
+def trainer_loss_path(trainer, options: MemoryOptions | None = None) -> LossPath:
+    """The loss path of the trainer's training steps (:func:`ulysses_attn.loss.loss_path`)."""
+    chunked = (options or STATE.memory or MemoryOptions()).chunked_loss
+    heads = ulysses_models(trainer.model)
+    return loss_path(heads[0] if heads else trainer.model, chunked_loss=chunked,
+                     trl_fused_head=isinstance(trainer, fused_trainer_classes()))
 
 
-def _uses_ulysses(model) -> bool:
-    return model is not None and bool(_ulysses_models(model))
+def _set_arg(trainer, record: str, name: str, value) -> None:
+    patches.replace(f"transformers.TrainingArguments.{record}", trainer.args, name, value)
 
 
 def attach(trainer, sp: SequenceParallel | None = None) -> None:
@@ -186,117 +202,38 @@ def attach(trainer, sp: SequenceParallel | None = None) -> None:
         raise NotImplementedError("train_sampling_strategy='batch_rebalance' is not supported with sequence parallelism.")
     if not args.average_tokens_across_devices:
         logger.warning("ulysses_attn: setting average_tokens_across_devices=True (required for an exact SP loss).")
-        args.average_tokens_across_devices = True
-    heads = [m for m in _ulysses_models(trainer.model) if type(m).__name__.endswith("ForCausalLM")]
+        _set_arg(trainer, "average_tokens_across_devices", "average_tokens_across_devices", True)
+    heads = [m for m in ulysses_models(trainer.model) if type(m).__name__.endswith("ForCausalLM")]
     if not heads:
         raise NotImplementedError(
             "Sequence parallelism with the Trainer supports causal-LM models (*ForCausalLM); "
             f"got {type(trainer.model).__name__}."
         )
     reconcile_sequence_parallel_size(trainer, sp.size)
-    sharded_inputs = not isinstance(trainer, fused_trainer_classes())
+    # TRL's fused-head trainers keep whole batches and shard inside the forward (integrations/trl.py)
+    sharded_inputs = trainer_loss_path(trainer) is not LossPath.TRL_FUSED_HEAD
     if sharded_inputs:
-        # TRL's fused-head trainers keep whole batches and shard inside the forward (integrations/trl.py)
         for m in heads:
-            m.loss_function = causal_lm_loss
+            patches.replace("transformers.PreTrainedModel.loss_function", m, "loss_function", causal_lm_loss)
         if not isinstance(trainer.data_collator, UlyssesCollator):
             pad = getattr(trainer.processing_class, "pad_token_id", None)
-            trainer.data_collator = UlyssesCollator(trainer.data_collator, pad_token_id=pad, sp=sp)
-
-    prepare_data_loader = trainer.accelerator.prepare_data_loader
-
-    @functools.wraps(prepare_data_loader)
-    def _prepare_data_loader(*a, **kw):
-        loader = prepare_data_loader(*a, **kw)
-        shard_over_dp_groups(loader, sp)
-        return loader
-
-    trainer.accelerator.prepare_data_loader = _prepare_data_loader
+            collator = UlyssesCollator(trainer.data_collator, pad_token_id=pad, sp=sp)
+            patches.replace("transformers.Trainer.data_collator", trainer, "data_collator", collator)
+    shard_dataloaders_over_dp_groups(trainer.accelerator, sp)
     install_metrics_gather(trainer.accelerator, sp, sharded_inputs)
-    trainer.gather_function = trainer.accelerator.gather_for_metrics
-    trainer._ulysses_sp = sp
+    patches.replace("transformers.Trainer.gather_function", trainer, "gather_function",
+                    trainer.accelerator.gather_for_metrics)
 
 
 def apply_memory_options(trainer, options: MemoryOptions) -> None:
     """Apply ``options`` to the trainer's causal LM(s) (see :mod:`ulysses_attn.memory`)."""
-    if isinstance(trainer, fused_trainer_classes()):
+    if trainer_loss_path(trainer, options) is LossPath.TRL_FUSED_HEAD:
         options = dataclasses.replace(options, chunked_loss=False)  # TRL's fused head is chunked already
-    for model in _ulysses_models(trainer.model):
+    for model in ulysses_models(trainer.model):
         if model.get_output_embeddings() is not None:
             configure_memory(model, options)
     if options.activation_checkpointing:
         name = "activation_checkpointing" if hasattr(trainer.args, "activation_checkpointing") else "gradient_checkpointing"
-        setattr(trainer.args, name, True)
+        _set_arg(trainer, "activation_checkpointing", name, True)
 
 
-def shard_over_dp_groups(loader, sp: SequenceParallel) -> None:
-    """Re-point accelerate's sharding of a prepared dataloader from ranks to DP groups."""
-    from accelerate.data_loader import BatchSamplerShard, DataLoaderDispatcher, IterableDatasetShard
-
-    if isinstance(loader, DataLoaderDispatcher):
-        raise NotImplementedError(
-            "dispatch_batches=True is not supported with sequence parallelism; "
-            "set accelerator_config={'dispatch_batches': False}."
-        )
-    for obj in (getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None), getattr(loader, "dataset", None)):
-        if isinstance(obj, (BatchSamplerShard, IterableDatasetShard)):
-            obj.num_processes, obj.process_index = sp.dp_size, sp.dp_rank
-
-
-def install_metrics_gather(accelerator, sp: SequenceParallel, sharded_inputs: bool) -> None:
-    """Route the evaluation loop's ``pad_across_processes`` + ``gather_for_metrics`` through SP.
-
-    The loop pads per-token tensors to the longest over the world, then gathers. With sharded
-    inputs that padding would land on each shard, i.e. inside the re-assembled sequence when DP
-    groups hold different lengths; so sequence-dim padding is deferred to the gather, which pads
-    whole sequences at their end."""
-    if sharded_inputs:
-        pad_across_processes = accelerator.pad_across_processes
-
-        @functools.wraps(pad_across_processes)
-        def _pad_across_processes(tensor, dim=0, pad_index=0, pad_first=False):
-            if dim == 1 and not pad_first:
-                return tensor
-            return pad_across_processes(tensor, dim=dim, pad_index=pad_index, pad_first=pad_first)
-
-        accelerator.pad_across_processes = _pad_across_processes
-    accelerator.gather_for_metrics = functools.partial(_gather_for_metrics, accelerator, sp, sharded_inputs)
-
-
-def _gather_for_metrics(
-    accelerator, sp: SequenceParallel, sharded_inputs: bool, input_data, use_gather_object: bool = False
-):
-    """``Accelerator.gather_for_metrics`` for SP.
-
-    Inside the SP group, per-token tensors (``dim >= 2``: logits, labels) of sharded inputs are
-    re-assembled along the sequence (TRL's fused trainers already hold whole sequences) and per-sample values (``dim <= 1``: losses) are averaged -- each rank's loss is
-    its shard's share of the sample's loss (``num_items_in_batch`` convention) or already the full
-    value. The result is then gathered over the DP group exactly as a run without SP on
-    ``dp_size`` processes gathers it (re-assembled sequences padded at their end with -100 to the
-    longest over the DP group, as the evaluation loop pads them without SP), dropping the
-    duplicated tail of the last batch likewise.
-    """
-    from accelerate.utils import pad_across_processes, recursively_apply
-
-    from ..comm import all_gather_seq
-
-    if use_gather_object:
-        raise NotImplementedError("gather_for_metrics(use_gather_object=True) is not supported with SP.")
-
-    def gather(t: torch.Tensor) -> torch.Tensor:
-        if t.dim() >= 2:
-            if sharded_inputs:
-                t = all_gather_seq(t, sp.group, dim=1)
-                if sp.dp_size > 1:  # whole sequences now: pad them at their end, as the loop does without SP
-                    t = pad_across_processes(t, dim=1, pad_index=-100)
-        else:
-            t = t.reshape(-1).clone()
-            dist.all_reduce(t, group=sp.group)
-            t = t / sp.size
-        return all_gather_seq(t, sp.dp_group, dim=0) if sp.dp_size > 1 else t
-
-    data = recursively_apply(gather, input_data, error_on_other_type=True)
-    state = accelerator.gradient_state
-    if state.end_of_dataloader and state.remainder > 0:
-        data = recursively_apply(lambda t: t[: state.remainder], data)
-    return data

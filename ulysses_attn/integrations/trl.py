@@ -13,8 +13,9 @@ rank. The all-gather's backward sums the ranks' gradients, so with every rank ho
 a data-parallel mean over all ranks gives the non-SP gradient (the same convention as
 ``all_reduce_sum`` in ``loss.py``).
 
-The TRL surface touched: ``add_fused_lm_head`` as imported by the trainer modules is wrapped so
-that the patched forward is sequence-parallel while an SP group is active.
+The TRL surface touched (patch records ``trl.trainer.{sft,dpo}_trainer.add_fused_lm_head`` and
+``trl.fused_lm_head.forward``): ``add_fused_lm_head`` as imported by the trainer modules is
+wrapped so that the forward it installs is sequence-parallel while an SP group is active.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ import logging
 
 import torch
 
+from .. import patches
 from ..comm import all_gather_seq
-from ..compat import ATTN_IMPLEMENTATION
-from ..data import IGNORE_INDEX, shard_batch
+from ..data import shard_batch
 from ..groups import get_sequence_parallel
+from ..labels import shift_labels as full_sequence_shift
+from ..models import ATTN_IMPLEMENTATION
 
 logger = logging.getLogger("ulysses_attn")
 
@@ -87,7 +90,7 @@ def sequence_parallel_fused_forward(model: torch.nn.Module) -> None:
         seq = kwargs["input_ids"].shape[1]
         keep = seq if shift_labels is not None else seq - 1
         if shift_labels is None:
-            shift_labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+            shift_labels = full_sequence_shift(labels)
         shard = shard_batch({**kwargs, "shift_labels": shift_labels}, sp)
         out = fused(fused_lm_head=True, **shard)
         for name in _PER_TOKEN_OUTPUTS:
@@ -98,7 +101,7 @@ def sequence_parallel_fused_forward(model: torch.nn.Module) -> None:
         out.loss = -out.log_probs.sum() / count
         return out
 
-    model.forward = forward
+    patches.replace("trl.fused_lm_head.forward", model, "forward", forward)
 
 
 def _wrap_add_fused_lm_head(original):
@@ -108,7 +111,6 @@ def _wrap_add_fused_lm_head(original):
         if getattr(getattr(model, "config", None), "_attn_implementation", None) == ATTN_IMPLEMENTATION:
             sequence_parallel_fused_forward(model)
 
-    add_fused_lm_head._ulysses_patched = True
     return add_fused_lm_head
 
 
@@ -126,7 +128,7 @@ def patch_trl() -> None:
         module = importlib.import_module(name)
         original = getattr(module, "add_fused_lm_head", None)
         if original is None:
-            logger.warning("ulysses_attn: %s has no add_fused_lm_head; TRL trainers cannot be sequence-parallel.", name)
-            return
-        if not getattr(original, "_ulysses_patched", False):
-            module.add_fused_lm_head = _wrap_add_fused_lm_head(original)
+            logger.warning("ulysses_attn: %s has no add_fused_lm_head; its trainer cannot be sequence-parallel.", name)
+            continue
+        if not patches.is_replaced(module, "add_fused_lm_head"):
+            patches.replace(f"{name}.add_fused_lm_head", module, "add_fused_lm_head", _wrap_add_fused_lm_head(original))

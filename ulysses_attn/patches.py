@@ -1,0 +1,267 @@
+"""Every change ulysses_attn makes to an object another library owns: one record each, with undo.
+
+A :class:`Patch` says what is changed (``target``), in which library and version window it was
+written against, why, what public API would make it unnecessary, and which test covers it. The
+code that makes the change calls :func:`replace` (an attribute: a function on a module or class,
+a method or field on an instance) or :func:`track` (a hook handle or another change with its own
+undo); both log an :class:`Applied` entry in the runtime state. :func:`undo_all` (what
+:func:`ulysses_attn.disable` calls) restores every original in reverse order: the attribute is
+the very object it was before (``is``), or gone again where it was inherited.
+
+>>> from ulysses_attn import patches
+>>> patches.replace("accelerate.Accelerator.prepare_data_loader", accelerator, "prepare_data_loader", wrapper)
+>>> patches.original(accelerator, "prepare_data_loader")     # what it was before
+>>> patches.undo_all()
+
+``docs/compatibility.md`` lists :data:`PATCHES` (a test keeps the two equal) and
+``tests/test_patches.py`` checks that each target still exists with the signature its
+replacement expects.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+from .state import STATE, warn_once
+
+__all__ = ["Patch", "PATCHES", "Applied", "replace", "track", "original", "restore", "undo_all", "applied",
+           "check_window", "installed_version"]
+
+
+@dataclass(frozen=True)
+class Patch:
+    """One kind of change to another library's object.
+
+    ``kind`` is ``"replace"`` (an attribute is replaced, restored by :func:`undo_all`), ``"hook"``
+    (a hook or flag set through the library's public API, removed by :func:`undo_all`) or
+    ``"private"`` (a private name the package calls but does not change)."""
+
+    target: str  # dotted path of what is changed, e.g. "transformers.Trainer.__init__"
+    library: str  # distribution name, e.g. "transformers"
+    versions: str  # the window it was written and tested against, e.g. ">=5.0,<6"
+    why: str
+    public_alternative: str
+    test: str  # tests/<file>::<test>
+    kind: str = "replace"
+    scope: str = "enable"  # "import": applied on `import ulysses_attn`, undone by disable(unregister=True)
+
+
+def _p(*args: str, **kwargs: str) -> Patch:
+    return Patch(*args, **kwargs)
+
+
+_HF = ">=5.0,<6"
+_ACC = ">=1.0,<2"
+_TRL = ">=1.16,<2"
+PATCHES: dict[str, Patch] = {p.target: p for p in (
+    _p("transformers.modeling_utils.lazy_import_flash_attention", "transformers", _HF,
+       'transformers treats every attn_implementation containing "flash" as a flash-attn package to import',
+       "a way to register an AttentionInterface function whose name contains \"flash\" without the import",
+       "tests/test_patches.py::test_flash_shim_leaves_other_names_alone", scope="import"),
+    _p("transformers.Trainer.__init__", "transformers", _HF,
+       "every Trainer built after enable() trains with SP, with no change to the script",
+       "a Trainer callback that runs before the dataloaders and the loss are set up",
+       "tests/test_trainer.py::test_trainer_sp_matches_non_sp"),
+    _p("transformers.Trainer.data_collator", "transformers", _HF,
+       "batches are padded to a multiple of P, shifted on the full sequence and sharded",
+       "passing data_collator=UlyssesCollator(...) in the script",
+       "tests/test_trainer.py::test_trainer_sp_matches_non_sp"),
+    _p("transformers.Trainer.gather_function", "transformers", _HF,
+       "evaluation gathers once per SP group (see accelerate.Accelerator.gather_for_metrics)",
+       "none", "tests/test_trainer.py::test_trainer_eval_matches_non_sp"),
+    _p("transformers.TrainingArguments.average_tokens_across_devices", "transformers", _HF,
+       "the SP loss is exact only with the token count of the whole world",
+       "setting it in the script", "tests/test_trainer.py::test_trainer_sp_matches_non_sp"),
+    _p("transformers.TrainingArguments.activation_checkpointing", "transformers", _HF,
+       "long_sequence=True turns activation checkpointing on for every Trainer",
+       "setting it in the script", "tests/test_memory.py::test_long_sequence_trainer_parity"),
+    _p("transformers.PreTrainedModel.loss_function", "transformers", _HF,
+       "the causal-LM loss of a shard must be reduced over the SP group",
+       "model.loss_function = ulysses_attn.causal_lm_loss in the script",
+       "tests/test_trainer.py::test_trainer_sp_matches_non_sp"),
+    _p("transformers.PreTrainedModel.forward", "transformers", _HF,
+       "the chunked loss runs the backbone and the LM head chunk by chunk, without full logits",
+       "ulysses_attn.chunked_causal_lm_loss in a custom compute_loss",
+       "tests/test_memory.py::test_chunked_loss_parity"),
+    _p("transformers.PreTrainedModel.base_model.forward", "transformers", _HF,
+       "checkpoint offload and selective checkpointing wrap the decoder stack's forward",
+       "none", "tests/test_memory.py::test_offload_parity"),
+    _p("transformers.GradientCheckpointingLayer._gradient_checkpointing_func", "transformers", _HF,
+       "selective checkpointing passes a context_fn to each layer's checkpoint",
+       "a context_fn option of gradient_checkpointing_enable applied per layer",
+       "tests/test_selective_checkpoint.py::test_selective_checkpoint_parity"),
+    _p("transformers.decoder_layer.mlp.forward", "transformers", _HF,
+       "the tiled MLP runs each decoder MLP over sequence chunks",
+       "none", "tests/test_memory.py::test_tiled_mlp_parity"),
+    _p("torch.nn.Module.register_forward_hook", "torch", ">=2.4",
+       "the tiled MLP agrees on its chunk count once per forward; offload marks the end of the decoder stack",
+       "public API (hooks are removed by disable())", "tests/test_memory.py::test_tiled_mlp_parity", kind="hook"),
+    _p("ulysses_attn.model_attributes", "transformers", _HF,
+       "the memory options, tiling and offloader of a model live on it as _ulysses_* attributes",
+       "public API of our own", "tests/test_patches.py::test_enable_disable_enable", kind="hook"),
+    _p("accelerate.Accelerator.prepare_data_loader", "accelerate", _ACC,
+       "every dataloader a Trainer prepares is sharded over DP groups, not over ranks",
+       "a sampler argument of the Trainer, or accelerate support for SP groups",
+       "tests/test_trainer.py::test_trainer_sp_matches_non_sp"),
+    _p("accelerate.data_loader.BatchSamplerShard.num_processes", "accelerate", _ACC,
+       "the sharded sampler of a prepared dataloader counts DP groups, not ranks",
+       "accelerate support for SP groups", "tests/test_trainer.py::test_trainer_sp_matches_non_sp"),
+    _p("accelerate.Accelerator.pad_across_processes", "accelerate", _ACC,
+       "sequence-dim padding of sharded eval outputs is deferred to the SP gather",
+       "none", "tests/test_trainer.py::test_trainer_eval_matches_non_sp"),
+    _p("accelerate.Accelerator.gather_for_metrics", "accelerate", _ACC,
+       "eval outputs are re-assembled over the SP group, then gathered over the DP group",
+       "accelerate support for SP groups", "tests/test_trainer.py::test_trainer_eval_matches_non_sp"),
+    _p("trl.trainer.sft_trainer.add_fused_lm_head", "trl", _TRL,
+       "TRL's fused LM head is where its SFT trainer scores tokens; it is made sequence-parallel",
+       "an SP hook in TRL's fused head", "tests/test_trl.py::test_sft_sp_matches_non_sp"),
+    _p("trl.trainer.dpo_trainer.add_fused_lm_head", "trl", _TRL,
+       "as for SFT, for DPO", "an SP hook in TRL's fused head", "tests/test_trl.py::test_dpo_sp_matches_non_sp"),
+    _p("trl.fused_lm_head.forward", "trl", _TRL,
+       "the forward add_fused_lm_head installs shards the batch and gathers per-token outputs",
+       "an SP hook in TRL's fused head", "tests/test_trl.py::test_sft_sp_matches_non_sp"),
+    _p("deepspeed.config.sequence_parallel_size", "deepspeed", ">=0.15,<1",
+       "DeepSpeed would divide its data-parallel world by the key; the Trainer's world is the whole world",
+       "dropping the key from the config", "tests/test_deepspeed.py::test_deepspeed_config_sp_size"),
+    _p("deepspeed.utils.set_z3_leaf_module", "deepspeed", ">=0.15,<1",
+       "a tiled MLP is gathered once per call under ZeRO-3, not once per chunk",
+       "public API (unset by disable())", "tests/test_deepspeed.py::test_zero3_tiled_mlp_is_leaf", kind="hook"),
+    _p("flash_attn.cute.interface._flash_attn_fwd", "flash-attn-4", ">=4.0.0b1,<5",
+       "FA4's kernels as a dispatcher op, so selective checkpointing can keep their outputs",
+       "a registered torch op in flash-attn-4", "tests/test_kernels.py::test_flash4_op_signature_check",
+       kind="private"),
+)}
+
+
+@dataclass
+class Applied:
+    """One change in force: ``owner.attr`` was ``original`` (``inherited``: not in ``owner``'s own
+    ``__dict__``) and is ``new``; or, for a tracked change, ``undo`` reverses it."""
+
+    patch: Patch
+    owner: Any  # the object, or a weakref.ref to it for instances
+    attr: str | None = None
+    original: Any = None
+    new: Any = None
+    inherited: bool = False
+    undo: Callable[[], None] | None = field(default=None, repr=False)
+
+    def target(self) -> Any:
+        return self.owner() if isinstance(self.owner, weakref.ref) else self.owner
+
+    def in_force(self) -> bool:
+        owner = self.target()
+        if owner is None:
+            return False
+        return self.undo is not None or getattr(owner, self.attr, None) is self.new
+
+    def revert(self) -> None:
+        owner = self.target()
+        if owner is None or not self.in_force():
+            return
+        if self.undo is not None:
+            self.undo()
+        elif self.inherited and self.attr in getattr(owner, "__dict__", {}):
+            delattr(owner, self.attr)
+        else:  # a property (e.g. PreTrainedModel.loss_function) or an own attribute
+            setattr(owner, self.attr, self.original)
+
+
+def installed_version(library: str) -> Version | None:
+    try:
+        return Version(importlib.metadata.version(library))
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def check_window(name: str) -> Patch:
+    """The record ``name``; warns once if the installed library is outside its window."""
+    patch = PATCHES[name]
+    version = installed_version(patch.library)
+    if version is not None and not SpecifierSet(patch.versions, prereleases=True).contains(version, prereleases=True):
+        warn_once(("patch_window", name), "ulysses_attn: patch %s was written for %s%s; found %s %s. If results "
+                  "look wrong, pin %s%s and report it.", name, patch.library, patch.versions, patch.library,
+                  version, patch.library, patch.versions)
+    return patch
+
+
+def _holder(owner: Any) -> Any:
+    if isinstance(owner, type) or type(owner).__name__ == "module":
+        return owner
+    try:
+        return weakref.ref(owner)
+    except TypeError:
+        return owner
+
+
+def _matches(entry: Applied, owner: Any, attr: str) -> bool:
+    return entry.attr == attr and entry.target() is owner
+
+
+def replace(name: str, owner: Any, attr: str, new: Any) -> Any:
+    """Set ``owner.attr = new`` as a change of record ``name``; returns what it was. Entries of the
+    same attribute that something else has since replaced are forgotten (their original is gone)."""
+    patch = check_window(name)
+    STATE.applied[:] = [e for e in STATE.applied if not _matches(e, owner, attr) or e.in_force()]
+    old = getattr(owner, attr)
+    inherited = attr not in getattr(owner, "__dict__", {})
+    STATE.applied.append(Applied(patch, _holder(owner), attr, old, new, inherited))
+    setattr(owner, attr, new)
+    return old
+
+
+def track(name: str, owner: Any, undo: Callable[[], None]) -> None:
+    """Log a change of record ``name`` made through public API (a hook, a flag) and how to undo it."""
+    STATE.applied.append(Applied(check_window(name), _holder(owner), undo=undo))
+
+
+def original(owner: Any, attr: str) -> Any:
+    """What ``owner.attr`` was before ulysses_attn replaced it (the attribute itself if it is not
+    replaced)."""
+    for entry in reversed(STATE.applied):
+        if _matches(entry, owner, attr) and entry.in_force():
+            while True:  # replaced twice: the first original
+                earlier = next((e for e in STATE.applied if _matches(e, owner, attr) and e.new is entry.original), None)
+                if earlier is None:
+                    return entry.original
+                entry = earlier
+    return getattr(owner, attr)
+
+
+def is_replaced(owner: Any, attr: str) -> bool:
+    return any(_matches(e, owner, attr) and e.in_force() for e in STATE.applied)
+
+
+def restore(owner: Any, attr: str) -> bool:
+    """Undo the replacements of ``owner.attr`` in force; returns whether there were any."""
+    entries = [e for e in STATE.applied if _matches(e, owner, attr)]
+    found = any(e.in_force() for e in entries)
+    for entry in reversed(entries):
+        entry.revert()
+        STATE.applied.remove(entry)
+    return found
+
+
+def applied(scope: str | None = None) -> list[Applied]:
+    """The changes in force, in the order they were made (of one ``scope`` if given)."""
+    return [e for e in STATE.applied if e.in_force() and (scope is None or e.patch.scope == scope)]
+
+
+def undo_all(*, keep_import: bool = True) -> int:
+    """Restore every original, newest change first; ``keep_import`` leaves the changes that
+    ``import ulysses_attn`` made. Returns the number of changes undone."""
+    undone = 0
+    for entry in reversed(list(STATE.applied)):
+        if keep_import and entry.patch.scope == "import":
+            continue
+        if entry.in_force():
+            entry.revert()
+            undone += 1
+        STATE.applied.remove(entry)
+    return undone

@@ -1,0 +1,64 @@
+"""The one runtime state of the package: groups, options, applied patches, caches, warnings said.
+
+:func:`ulysses_attn.enable` / :func:`~ulysses_attn.init_sequence_parallel` fill it;
+:func:`ulysses_attn.disable` / :func:`~ulysses_attn.destroy_sequence_parallel` clear it. Every
+module reads and writes its process-wide values here, so one :func:`reset` returns the process to
+what ``import ulysses_attn`` left.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from .groups import SequenceParallel
+
+__all__ = ["Runtime", "STATE", "reset", "warn_once", "log_once"]
+
+logger = logging.getLogger("ulysses_attn")
+
+
+@dataclass
+class Runtime:
+    sp: SequenceParallel | None = None
+    memory: Any = None  # MemoryOptions set by enable() for every Trainer (None: the defaults)
+    forced_kernel: str | None = None
+    layouts: Any = None  # layout.LayoutCache, made on first use
+    applied: list = field(default_factory=list)  # patches.Applied records, in application order
+    said: set = field(default_factory=set)  # keys of warnings / log lines already given
+    used_kernels: set = field(default_factory=set)  # kernel labels attend() ran
+    replayed_attention_outputs: int = 0  # attention kernel calls that selective checkpointing skipped
+
+
+STATE = Runtime()
+
+
+def reset() -> None:
+    """Forget everything but the applied patches (those are undone by :func:`patches.undo_all`)."""
+    applied = STATE.applied
+    STATE.__dict__.update(Runtime().__dict__)
+    STATE.applied = applied
+
+
+def _rank0() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def warn_once(key: object, message: str, *args: object) -> None:
+    """``logger.warning`` once per ``key`` per process, on rank 0 only (the same on every rank)."""
+    if key in STATE.said:
+        return
+    STATE.said.add(key)
+    if _rank0():
+        logger.warning(message, *args)
+
+
+def log_once(key: object, message: str, *args: object) -> None:
+    """``logger.info`` once per ``key`` (every rank: these lines describe the rank's own choice)."""
+    if key not in STATE.said:
+        STATE.said.add(key)
+        logger.info(message, *args)
