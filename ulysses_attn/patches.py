@@ -30,17 +30,17 @@ from packaging.version import Version
 
 from .state import STATE, warn_once
 
-__all__ = ["Patch", "PATCHES", "Applied", "replace", "track", "original", "restore", "undo_all", "applied",
-           "check_window", "installed_version"]
+__all__ = ["Patch", "PATCHES", "Applied", "replace", "track", "original", "is_replaced", "restore", "undo_all",
+           "applied", "check_window", "installed_version", "table"]
 
 
 @dataclass(frozen=True)
 class Patch:
     """One kind of change to another library's object.
 
-    ``kind`` is ``"replace"`` (an attribute is replaced, restored by :func:`undo_all`), ``"hook"``
-    (a hook or flag set through the library's public API, removed by :func:`undo_all`) or
-    ``"private"`` (a private name the package calls but does not change)."""
+    ``kind`` is ``"replace"`` (an attribute is replaced, restored by :func:`undo_all`),
+    ``"tracked"`` (a hook, flag or config key set through public API, reverted by :func:`undo_all`)
+    or ``"private"`` (a private name the package uses but does not change)."""
 
     target: str  # dotted path of what is changed, e.g. "transformers.Trainer.__init__"
     library: str  # distribution name, e.g. "transformers"
@@ -67,74 +67,79 @@ PATCHES: dict[str, Patch] = {p.target: p for p in (
     _p("transformers.Trainer.__init__", "transformers", _HF,
        "every Trainer built after enable() trains with SP, with no change to the script",
        "a Trainer callback that runs before the dataloaders and the loss are set up",
-       "tests/test_trainer.py::test_trainer_sp_matches_non_sp"),
+       "tests/test_trainer.py::test_sp2_padded_batches_with_eval_and_grad_accum"),
     _p("transformers.Trainer.data_collator", "transformers", _HF,
        "batches are padded to a multiple of P, shifted on the full sequence and sharded",
        "passing data_collator=UlyssesCollator(...) in the script",
-       "tests/test_trainer.py::test_trainer_sp_matches_non_sp"),
+       "tests/test_trainer.py::test_sp2_padded_batches_with_eval_and_grad_accum"),
     _p("transformers.Trainer.gather_function", "transformers", _HF,
        "evaluation gathers once per SP group (see accelerate.Accelerator.gather_for_metrics)",
-       "none", "tests/test_trainer.py::test_trainer_eval_matches_non_sp"),
+       "none", "tests/test_trainer.py::test_sp2_padded_batches_with_eval_and_grad_accum"),
     _p("transformers.TrainingArguments.average_tokens_across_devices", "transformers", _HF,
        "the SP loss is exact only with the token count of the whole world",
-       "setting it in the script", "tests/test_trainer.py::test_trainer_sp_matches_non_sp"),
+       "setting it in the script", "tests/test_trainer.py::test_sp2_padded_batches_with_eval_and_grad_accum"),
     _p("transformers.TrainingArguments.activation_checkpointing", "transformers", _HF,
        "long_sequence=True turns activation checkpointing on for every Trainer",
-       "setting it in the script", "tests/test_memory.py::test_long_sequence_trainer_parity"),
+       "setting it in the script", "tests/test_memory.py::test_launcher_long_sequence_and_selective_switches_sp2_equal_plain"),
     _p("transformers.PreTrainedModel.loss_function", "transformers", _HF,
        "the causal-LM loss of a shard must be reduced over the SP group",
        "model.loss_function = ulysses_attn.causal_lm_loss in the script",
-       "tests/test_trainer.py::test_trainer_sp_matches_non_sp"),
+       "tests/test_trainer.py::test_sp2_padded_batches_with_eval_and_grad_accum"),
     _p("transformers.PreTrainedModel.forward", "transformers", _HF,
        "the chunked loss runs the backbone and the LM head chunk by chunk, without full logits",
        "ulysses_attn.chunked_causal_lm_loss in a custom compute_loss",
-       "tests/test_memory.py::test_chunked_loss_parity"),
+       "tests/test_memory.py::test_long_sequence_options_equal_plain_forward_and_bound_logits"),
     _p("transformers.PreTrainedModel.base_model.forward", "transformers", _HF,
        "checkpoint offload and selective checkpointing wrap the decoder stack's forward",
-       "none", "tests/test_memory.py::test_offload_parity"),
+       "none", "tests/test_memory.py::test_long_sequence_and_selective_checkpointing_under_sp_equal_plain_forward"),
     _p("transformers.GradientCheckpointingLayer._gradient_checkpointing_func", "transformers", _HF,
        "selective checkpointing passes a context_fn to each layer's checkpoint",
        "a context_fn option of gradient_checkpointing_enable applied per layer",
-       "tests/test_selective_checkpoint.py::test_selective_checkpoint_parity"),
+       "tests/test_memory.py::test_selective_checkpointing_keeps_attention_and_equals_full_recompute"),
     _p("transformers.decoder_layer.mlp.forward", "transformers", _HF,
        "the tiled MLP runs each decoder MLP over sequence chunks",
-       "none", "tests/test_memory.py::test_tiled_mlp_parity"),
+       "none", "tests/test_memory.py::test_long_sequence_options_equal_plain_forward_and_bound_logits"),
     _p("torch.nn.Module.register_forward_hook", "torch", ">=2.4",
        "the tiled MLP agrees on its chunk count once per forward; offload marks the end of the decoder stack",
-       "public API (hooks are removed by disable())", "tests/test_memory.py::test_tiled_mlp_parity", kind="hook"),
+       "public API (hooks are removed by disable())", "tests/test_memory.py::test_long_sequence_options_equal_plain_forward_and_bound_logits", kind="tracked"),
     _p("ulysses_attn.model_attributes", "transformers", _HF,
        "the memory options, tiling and offloader of a model live on it as _ulysses_* attributes",
-       "public API of our own", "tests/test_patches.py::test_enable_disable_enable", kind="hook"),
+       "public API of our own", "tests/test_patches.py::test_enable_disable_enable", kind="tracked"),
     _p("accelerate.Accelerator.prepare_data_loader", "accelerate", _ACC,
        "every dataloader a Trainer prepares is sharded over DP groups, not over ranks",
        "a sampler argument of the Trainer, or accelerate support for SP groups",
-       "tests/test_trainer.py::test_trainer_sp_matches_non_sp"),
+       "tests/test_trainer.py::test_sp2_padded_batches_with_eval_and_grad_accum"),
     _p("accelerate.data_loader.BatchSamplerShard.num_processes", "accelerate", _ACC,
        "the sharded sampler of a prepared dataloader counts DP groups, not ranks",
-       "accelerate support for SP groups", "tests/test_trainer.py::test_trainer_sp_matches_non_sp"),
+       "accelerate support for SP groups", "tests/test_trainer.py::test_sp2_times_dp2_equals_ddp2"),
     _p("accelerate.Accelerator.pad_across_processes", "accelerate", _ACC,
        "sequence-dim padding of sharded eval outputs is deferred to the SP gather",
-       "none", "tests/test_trainer.py::test_trainer_eval_matches_non_sp"),
+       "none", "tests/test_trainer.py::test_sp2_padded_batches_with_eval_and_grad_accum"),
     _p("accelerate.Accelerator.gather_for_metrics", "accelerate", _ACC,
        "eval outputs are re-assembled over the SP group, then gathered over the DP group",
-       "accelerate support for SP groups", "tests/test_trainer.py::test_trainer_eval_matches_non_sp"),
+       "accelerate support for SP groups", "tests/test_trainer.py::test_sp2_padded_batches_with_eval_and_grad_accum"),
     _p("trl.trainer.sft_trainer.add_fused_lm_head", "trl", _TRL,
        "TRL's fused LM head is where its SFT trainer scores tokens; it is made sequence-parallel",
-       "an SP hook in TRL's fused head", "tests/test_trl.py::test_sft_sp_matches_non_sp"),
+       "an SP hook in TRL's fused head", "tests/test_trl.py::test_sft_padded_completion_only_p2"),
     _p("trl.trainer.dpo_trainer.add_fused_lm_head", "trl", _TRL,
-       "as for SFT, for DPO", "an SP hook in TRL's fused head", "tests/test_trl.py::test_dpo_sp_matches_non_sp"),
+       "as for SFT, for DPO", "an SP hook in TRL's fused head", "tests/test_trl.py::test_dpo_sigmoid_separate_reference_model_p2"),
     _p("trl.fused_lm_head.forward", "trl", _TRL,
        "the forward add_fused_lm_head installs shards the batch and gathers per-token outputs",
-       "an SP hook in TRL's fused head", "tests/test_trl.py::test_sft_sp_matches_non_sp"),
+       "an SP hook in TRL's fused head", "tests/test_trl.py::test_sft_padded_completion_only_p2"),
     _p("deepspeed.config.sequence_parallel_size", "deepspeed", ">=0.15,<1",
        "DeepSpeed would divide its data-parallel world by the key; the Trainer's world is the whole world",
-       "dropping the key from the config", "tests/test_deepspeed.py::test_deepspeed_config_sp_size"),
+       "dropping the key from the config", "tests/test_deepspeed.py::test_zero2_sp_size_from_config_equals_plain",
+       kind="tracked"),
     _p("deepspeed.utils.set_z3_leaf_module", "deepspeed", ">=0.15,<1",
        "a tiled MLP is gathered once per call under ZeRO-3, not once per chunk",
-       "public API (unset by disable())", "tests/test_deepspeed.py::test_zero3_tiled_mlp_is_leaf", kind="hook"),
+       "public API (unset by disable())", "tests/test_deepspeed.py::test_zero3_long_sequence_sp2_times_dp2_equals_ddp2", kind="tracked"),
+    _p("transformers.AttentionInterface._global_mapping", "transformers", _HF,
+       "disable(unregister=True) removes ulysses_flash from the attention and mask interfaces",
+       "an unregister method of transformers' GeneralInterface",
+       "tests/test_patches.py::test_unregister_and_register_again", kind="private", scope="import"),
     _p("flash_attn.cute.interface._flash_attn_fwd", "flash-attn-4", ">=4.0.0b1,<5",
        "FA4's kernels as a dispatcher op, so selective checkpointing can keep their outputs",
-       "a registered torch op in flash-attn-4", "tests/test_kernels.py::test_flash4_op_signature_check",
+       "a registered torch op in flash-attn-4", "tests/test_flash4.py::test_an_fa4_with_other_internals_goes_through_its_public_function",
        kind="private"),
 )}
 
@@ -265,3 +270,13 @@ def undo_all(*, keep_import: bool = True) -> int:
             undone += 1
         STATE.applied.remove(entry)
     return undone
+
+
+def table() -> str:
+    """The markdown table of :data:`PATCHES` that docs/compatibility.md shows (a test compares them)."""
+    rows = ["| target | library | versions | kind | why | public alternative | test |", "|---" * 7 + "|"]
+    for p in PATCHES.values():
+        kind = p.kind if p.scope == "enable" else f"{p.kind} (on import)"
+        rows.append(f"| `{p.target}` | {p.library} | `{p.versions}` | {kind} | {p.why} | {p.public_alternative} | "
+                    f"`{p.test}` |")
+    return "\n".join(rows)
