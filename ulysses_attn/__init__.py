@@ -7,18 +7,18 @@
 >>> ulysses_attn.disable()              # every patched object back to its original
 """
 
-from .registration import ATTN_IMPLEMENTATION, register
+from .data import UlyssesCollator, UlyssesSampler, shard_batch
 from .groups import (
     SequenceParallel,
     destroy_sequence_parallel,
     get_sequence_parallel,
     init_sequence_parallel,
 )
-from .data import UlyssesCollator, UlyssesSampler, shard_batch
 from .integrations.trainer import disable, enable
 from .kernels import available_kernels, set_kernel
 from .loss import causal_lm_loss, chunked_causal_lm_loss, sp_sum
 from .memory import MemoryOptions, configure_memory
+from .registration import ATTN_IMPLEMENTATION, register
 from .tiled_mlp import tile_mlp
 
 register()

@@ -20,6 +20,7 @@ code runs without communication, as a plain attention backend.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +68,14 @@ def _warn_head_padding(num_heads: int, num_kv_heads: int, sp_size: int, padded: 
         ("head_padding", num_heads, num_kv_heads, sp_size),
         "ulysses_flash: %d query heads do not split over SP size %d; padding to %d heads (%.0f%% more "
         "attention compute) and sending %d KV heads through the all-to-all. SP sizes that need no "
-        "padding: %s.", num_heads, sp_size, padded, 100 * (padded - num_heads) / num_heads, kv_sent, even)
+        "padding: %s.",
+        num_heads,
+        sp_size,
+        padded,
+        100 * (padded - num_heads) / num_heads,
+        kv_sent,
+        even,
+    )
 
 
 def _pad_heads(query, key, value, padded: int, grouped: bool):
@@ -137,14 +145,19 @@ def ulysses_flash_attention(
     batch, heads, seq_local, _ = query.shape
     kv_heads = key.shape[1]
     sp = STATE.sp
-    opts = dict(causal=causal, scale=scaling, dropout=dropout, window=sliding_window, softcap=softcap)
+    opts: dict[str, Any] = dict(causal=causal, scale=scaling, dropout=dropout, window=sliding_window, softcap=softcap)
     tensors = (position_ids, attention_mask, cu_seq_lens_q)  # the objects every layer receives: cache key
     position_ids = _rows(position_ids, batch)
     meta = (batch, seq_local, key.shape[2], causal, None if sp is None else sp.size)
 
     if sp is None or sp.size == 1:
-        layout = cached_layout(tensors, meta, lambda: local_layout(
-            position_ids, attention_mask, cu_seq_lens_q, max_length_q, seq_local, key.shape[2], causal))
+        layout = cached_layout(
+            tensors,
+            meta,
+            lambda: local_layout(
+                position_ids, attention_mask, cu_seq_lens_q, max_length_q, seq_local, key.shape[2], causal
+            ),
+        )
         out = attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), layout, **opts)
         return out, None
 
@@ -154,9 +167,22 @@ def ulysses_flash_attention(
             f"{key.shape[2]} != query length {seq_local}). Generate with one process / P = 1, or pass use_cache=False."
         )
     check_heads(heads, kv_heads)
-    layout = cached_layout(tensors, meta, lambda: sequence_layout(
-        sp, position_ids, attention_mask, cu_seq_lens_q, max_length_q, batch, seq_local, (heads, kv_heads), causal,
-        query.device))
+    layout = cached_layout(
+        tensors,
+        meta,
+        lambda: sequence_layout(
+            sp,
+            position_ids,
+            attention_mask,
+            cu_seq_lens_q,
+            max_length_q,
+            batch,
+            seq_local,
+            (heads, kv_heads),
+            causal,
+            query.device,
+        ),
+    )
     padded, grouped = padded_heads(heads, kv_heads, sp.size)
     if padded != heads:
         _warn_head_padding(heads, kv_heads, sp.size, padded, grouped)

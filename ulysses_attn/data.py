@@ -10,7 +10,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch.utils.data import DistributedSampler
@@ -69,14 +70,15 @@ def shard_batch(
 
     Per-token tensors are those with ``shape[:2] == (batch, seq)`` (``position_ids`` may be
     ``[1, seq]``). Packed rows (``position_ids`` restarting) also get ``cu_seq_lens_q/k`` and
-    ``max_length_q/k`` describing the documents of the full, unsharded sequence. With no SP group (or P = 1) the batch only gains ``position_ids`` and
+    ``max_length_q/k`` describing the documents of the full, unsharded sequence. With no SP group
+    (or P = 1) the batch only gains ``position_ids`` and
     ``shift_labels``, so the same code runs with and without sequence parallelism.
     """
     sp = _sp(sp)
     size, rank = (sp.size, sp.rank) if sp is not None else (1, 0)
     out = {k: v for k, v in batch.items() if k not in _WHOLE_BATCH_KEYS}
     seq = _sequence_length(out)
-    ref = out.get("input_ids", out.get("inputs_embeds", out.get("labels")))
+    ref = next(out[k] for k in ("input_ids", "inputs_embeds", "labels") if torch.is_tensor(out.get(k)))
     bsz, device = ref.shape[0], ref.device
 
     if "position_ids" not in out:

@@ -57,8 +57,9 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None
 
 
-def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                             chunks: int) -> torch.Tensor:
+def linear_cross_entropy_sum(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunks: int
+) -> torch.Tensor:
     """Sum over rows of ``cross_entropy(hidden @ weight.T, targets)``; ``hidden`` is
     ``[tokens, hidden]``, every target a valid class (filter ignored tokens first); ``chunks``
     bounds the logits that exist at once to ``ceil(tokens / chunks)`` rows.

@@ -34,18 +34,28 @@ def _split(argv: list[str]) -> tuple[list[str], list[str]]:
 def main(argv: list[str] | None = None) -> None:
     own, target = _split(list(sys.argv[1:] if argv is None else argv))
     parser = argparse.ArgumentParser(
-        prog="python -m ulysses_attn.launch", usage="%(prog)s [--sp-size N] [--kernel K] [--long-sequence] [--selective-checkpointing] "
-              "(script.py | -m module) [args]"
+        prog="python -m ulysses_attn.launch",
+        usage="%(prog)s [--sp-size N] [--kernel K] [--long-sequence] [--selective-checkpointing] "
+        "(script.py | -m module) [args]",
     )
-    parser.add_argument("--sp-size", type=int, default=None,
-                        help="sequence-parallel size (default: $ULYSSES_SP_SIZE or the DeepSpeed config's "
-                             "sequence_parallel_size)")
+    parser.add_argument(
+        "--sp-size",
+        type=int,
+        default=None,
+        help="sequence-parallel size (default: $ULYSSES_SP_SIZE or the DeepSpeed config's sequence_parallel_size)",
+    )
     parser.add_argument("--kernel", default=None, help="force the inner attention kernel (see ulysses_attn.kernels)")
-    parser.add_argument("--long-sequence", action="store_true",
-                        help="turn on every memory saving: chunked loss, tiled MLP, activation checkpointing with "
-                             "CPU offload (docs/long-sequences.md)")
-    parser.add_argument("--selective-checkpointing", action="store_true",
-                        help="activation checkpointing that keeps the attention outputs (more memory, less time)")
+    parser.add_argument(
+        "--long-sequence",
+        action="store_true",
+        help="turn on every memory saving: chunked loss, tiled MLP, activation checkpointing with "
+        "CPU offload (docs/long-sequences.md)",
+    )
+    parser.add_argument(
+        "--selective-checkpointing",
+        action="store_true",
+        help="activation checkpointing that keeps the attention outputs (more memory, less time)",
+    )
     args = parser.parse_args(own)
     if not target or (target[0] == "-m" and len(target) < 2):
         parser.error("give a script to run (or -m module)")

@@ -78,9 +78,7 @@ class Layout:
         return out.view(batch, seq, *out.shape[1:])
 
 
-def layout_from_positions(
-    position_ids: torch.Tensor | None, valid: torch.Tensor | None, causal: bool = True
-) -> Layout:
+def layout_from_positions(position_ids: torch.Tensor | None, valid: torch.Tensor | None, causal: bool = True) -> Layout:
     """Build the layout of a full sequence from its ``position_ids [B, S]`` (documents start where
     positions do not continue by +1) and an optional padding mask ``valid [B, S]``."""
     if valid is not None:
@@ -140,12 +138,19 @@ def local_layout(position_ids, attention_mask, cu, max_len, q_len: int, k_len: i
 
 
 _AGREEMENT_FIELDS = (
-    "batch", "local_seq", "heads", "kv_heads", "has_position_ids", "has_attention_mask", "has_cu_seq_lens",
+    "batch",
+    "local_seq",
+    "heads",
+    "kv_heads",
+    "has_position_ids",
+    "has_attention_mask",
+    "has_cu_seq_lens",
 )
 
 
-def check_agreement(values: list[int], sp: SequenceParallel, device: torch.device,
-                    names: tuple[str, ...] = _AGREEMENT_FIELDS) -> None:
+def check_agreement(
+    values: list[int], sp: SequenceParallel, device: torch.device, names: tuple[str, ...] = _AGREEMENT_FIELDS
+) -> None:
     """Raise on every rank, naming each rank's values, unless all ranks of the SP group passed the
     same ``values`` (one all-gather of ``len(values)`` integers on ``device``)."""
     meta = torch.tensor(values, dtype=torch.int64, device=device)
@@ -163,8 +168,18 @@ def check_agreement(values: list[int], sp: SequenceParallel, device: torch.devic
         )
 
 
-def sequence_layout(sp: SequenceParallel, position_ids, attention_mask, cu, max_len, batch: int, seq_local: int,
-                    heads: tuple[int, int], causal: bool, device: torch.device) -> Layout:
+def sequence_layout(
+    sp: SequenceParallel,
+    position_ids,
+    attention_mask,
+    cu,
+    max_len,
+    batch: int,
+    seq_local: int,
+    heads: tuple[int, int],
+    causal: bool,
+    device: torch.device,
+) -> Layout:
     """The layout of the full sequence whose shards the SP group holds (collective over the group)."""
     flags = [position_ids is not None, attention_mask is not None, cu is not None]
     check_agreement([batch, seq_local, *heads, *flags], sp, device)
@@ -235,7 +250,7 @@ class LayoutCache:
         return None
 
     def put(self, tensors, meta, layout: Layout) -> Layout:
-        self.entries = [*self.entries[-(self.SIZE - 1):], (self._keys(tensors), meta, layout)]
+        self.entries = [*self.entries[-(self.SIZE - 1) :], (self._keys(tensors), meta, layout)]
         return layout
 
 

@@ -24,10 +24,18 @@ from torch.utils.checkpoint import checkpoint
 from .comm import all_reduce_sum, chunk_count, split_chunks
 from .fused_cross_entropy import linear_cross_entropy_sum
 from .groups import SequenceParallel, get_sequence_parallel
-from .labels import IGNORE_INDEX, shift_labels as _shift
+from .labels import IGNORE_INDEX
+from .labels import shift_labels as _shift
 
-__all__ = ["causal_lm_loss", "chunked_causal_lm_loss", "sp_sum", "default_loss_chunk_tokens", "LossPath",
-           "loss_path", "fused_head_applies"]
+__all__ = [
+    "causal_lm_loss",
+    "chunked_causal_lm_loss",
+    "sp_sum",
+    "default_loss_chunk_tokens",
+    "LossPath",
+    "loss_path",
+    "fused_head_applies",
+]
 
 
 class LossPath(str, Enum):
@@ -40,7 +48,7 @@ class LossPath(str, Enum):
 
 
 def loss_path(
-    model: torch.nn.Module,
+    model: Any,
     *,
     chunked_loss: bool,
     trl_fused_head: bool = False,
@@ -61,7 +69,10 @@ def loss_path(
         return LossPath.TRL_FUSED_HEAD
     args, kwargs = call if call is not None else ((), {"labels": True})
     chunked = (
-        chunked_loss and training and not args and "fused_lm_head" not in kwargs
+        chunked_loss
+        and training
+        and not args
+        and "fused_lm_head" not in kwargs
         and (kwargs.get("labels") is not None or kwargs.get("shift_labels") is not None)
         and getattr(model, "get_output_embeddings", lambda: None)() is not None
         and not getattr(model.config.get_text_config(), "output_router_logits", False)
@@ -134,8 +145,9 @@ def _mean_over_group(local_sum, shift_labels, num_items_in_batch, ignore_index, 
     return local_sum / count
 
 
-def fused_head_applies(lm_head: torch.nn.Module, logit_scale: float = 1.0,
-                       final_logit_softcapping: float | None = None) -> bool:
+def fused_head_applies(
+    lm_head: torch.nn.Module, logit_scale: float = 1.0, final_logit_softcapping: float | None = None
+) -> bool:
     """Whether :func:`chunked_causal_lm_loss` fuses ``lm_head`` with the cross-entropy
     (:mod:`~ulysses_attn.fused_cross_entropy`): a bias-free ``nn.Linear`` that nothing hooks (no
     accelerate device hooks, no forward hooks) and that ZeRO-3 does not partition, so that its
@@ -143,11 +155,19 @@ def fused_head_applies(lm_head: torch.nn.Module, logit_scale: float = 1.0,
     if logit_scale != 1.0 or final_logit_softcapping is not None:
         return False
     module_globals = torch.nn.modules.module
-    hooked = (lm_head._forward_hooks or lm_head._forward_pre_hooks or hasattr(lm_head, "_hf_hook")
-              or getattr(module_globals, "_global_forward_hooks", None)
-              or getattr(module_globals, "_global_forward_pre_hooks", None))
-    return type(lm_head) is torch.nn.Linear and lm_head.bias is None and not hasattr(lm_head.weight, "ds_id") \
+    hooked = (
+        lm_head._forward_hooks
+        or lm_head._forward_pre_hooks
+        or hasattr(lm_head, "_hf_hook")
+        or getattr(module_globals, "_global_forward_hooks", None)
+        or getattr(module_globals, "_global_forward_pre_hooks", None)
+    )
+    return (
+        type(lm_head) is torch.nn.Linear
+        and lm_head.bias is None
+        and not hasattr(lm_head.weight, "ds_id")
         and not hooked
+    )
 
 
 def default_loss_chunk_tokens(vocab_size: int, budget_bytes: int = 1 << 30) -> int:
@@ -189,7 +209,8 @@ def chunked_causal_lm_loss(
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1]).index_select(0, scored)
     targets = targets.index_select(0, scored)
     if chunk_tokens is None:  # a ZeRO-3 partition keeps its full shape in ds_shape
-        chunk_tokens = default_loss_chunk_tokens(getattr(lm_head.weight, "ds_shape", lm_head.weight.shape)[0])
+        weight: Any = lm_head.weight
+        chunk_tokens = default_loss_chunk_tokens(getattr(weight, "ds_shape", weight.shape)[0])
 
     def chunk_loss(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = lm_head(h).float()
@@ -202,7 +223,8 @@ def chunked_causal_lm_loss(
     # An empty shard (all labels ignored) still runs the head, so every rank's graph reaches it.
     count = chunk_count(len(targets), chunk_tokens, hidden.device)
     if fused_head_applies(lm_head, logit_scale, final_logit_softcapping):
-        local_sum = linear_cross_entropy_sum(hidden, lm_head.weight, targets, count)
+        head_weight: Any = lm_head.weight
+        local_sum = linear_cross_entropy_sum(hidden, head_weight, targets, count)
         return _mean_over_group(local_sum, shift_labels, num_items_in_batch, ignore_index, sp)
     local_sum = sum(
         checkpoint(chunk_loss, h, y, use_reentrant=False)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+from typing import Any
 
 import torch
 
@@ -61,14 +62,16 @@ class MemoryOptions:
             raise ValueError(f"MemoryOptions.offload_min_bytes must be >= 0; got {self.offload_min_bytes!r}.")
 
     @classmethod
-    def long_sequence(cls, **overrides) -> "MemoryOptions":
+    def long_sequence(cls, **overrides) -> MemoryOptions:
         """Every memory saving on: chunked loss, tiled MLP, checkpointing with offload."""
         return cls(**{"tiled_mlp": True, "offload_checkpoints": True, "activation_checkpointing": True, **overrides})
 
-    def with_env_overrides(self) -> "MemoryOptions":
+    def with_env_overrides(self) -> MemoryOptions:
         """Sizes from ``ULYSSES_LOSS_CHUNK_TOKENS``, ``ULYSSES_MLP_CHUNK_TOKENS`` and
         ``ULYSSES_OFFLOAD_MIN_BYTES`` where set (for launched scripts)."""
-        changes = {field: int(os.environ[var]) for var, field in _ENV_SIZES.items() if os.environ.get(var)}
+        changes: dict[str, Any] = {
+            field: int(os.environ[var]) for var, field in _ENV_SIZES.items() if os.environ.get(var)
+        }
         return dataclasses.replace(self, **changes)
 
 
@@ -97,29 +100,33 @@ def configure_memory(model: torch.nn.Module, options: MemoryOptions | None = Non
     >>> model.gradient_checkpointing_enable()   # offload_checkpoints needs checkpointed layers
     """
     options = options or MemoryOptions(**kwargs)
-    if getattr(model, "get_output_embeddings", lambda: None)() is None or not hasattr(model, "base_model"):
-        raise NotImplementedError(f"configure_memory needs a causal LM with an LM head; got {type(model).__name__}.")
-    previous = getattr(model, "_ulysses_memory", None)
+    hf: Any = model  # a transformers model: its attributes are looked up at run time
+    if getattr(hf, "get_output_embeddings", lambda: None)() is None or not hasattr(hf, "base_model"):
+        raise NotImplementedError(f"configure_memory needs a causal LM with an LM head; got {type(hf).__name__}.")
+    previous = getattr(hf, "_ulysses_memory", None)
     if options.tiled_mlp:
-        tile_mlp(model, options.mlp_chunk_tokens)
-    elif getattr(model, "_ulysses_tiling", None) is not None:  # switched off by this call
-        model._ulysses_tiling.enabled = False
+        tile_mlp(hf, options.mlp_chunk_tokens)
+    elif getattr(hf, "_ulysses_tiling", None) is not None:  # switched off by this call
+        hf._ulysses_tiling.enabled = False
     if previous is not None and previous.selective_checkpointing and not options.selective_checkpointing:
-        recompute_attention_outputs_of(decoder_layers(model.base_model))
+        recompute_attention_outputs_of(decoder_layers(hf.base_model))
     if previous is None:
-        patches.replace("transformers.PreTrainedModel.forward", model, "forward",
-                        _chunked_loss_forward(model, model.forward))
-        backbone = model.base_model
-        patches.replace("transformers.PreTrainedModel.base_model.forward", backbone, "forward",
-                        _backbone_forward(model, backbone.forward))
-        patches.track("ulysses_attn.model_attributes", model, functools.partial(_forget_memory, model))
-    model._ulysses_memory = options
-    model._ulysses_offloader.min_bytes = options.offload_min_bytes
-    model._ulysses_offloader.offload_kept = options.offload_attention_outputs and options.selective_checkpointing
+        patches.replace("transformers.PreTrainedModel.forward", hf, "forward", _chunked_loss_forward(hf, hf.forward))
+        backbone = hf.base_model
+        patches.replace(
+            "transformers.PreTrainedModel.base_model.forward",
+            backbone,
+            "forward",
+            _backbone_forward(hf, backbone.forward),
+        )
+        patches.track("ulysses_attn.model_attributes", hf, functools.partial(_forget_memory, hf))
+    hf._ulysses_memory = options
+    hf._ulysses_offloader.min_bytes = options.offload_min_bytes
+    hf._ulysses_offloader.offload_kept = options.offload_attention_outputs and options.selective_checkpointing
     return options
 
 
-def _is_checkpointing(model: torch.nn.Module) -> bool:
+def _is_checkpointing(model: Any) -> bool:
     flag = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5.x; older: the deprecated name
     return bool(flag if flag is not None else model.is_gradient_checkpointing)
 
@@ -129,7 +136,7 @@ def _forget_memory(model: torch.nn.Module) -> None:
         model.__dict__.pop(name, None)
 
 
-def _backbone_forward(model: torch.nn.Module, original):
+def _backbone_forward(model: Any, original: Any) -> Any:
     """The backbone's forward with the activation options: selective checkpointing and offload."""
     model._ulysses_offloader = offloader = CheckpointOffloader()
     layers = decoder_layers(model.base_model)
@@ -148,15 +155,18 @@ def _backbone_forward(model: torch.nn.Module, original):
             with offloader:
                 return original(*args, **kwargs)
         if options.offload_checkpoints and training:
-            warn_once("offload_without_checkpointing", "ulysses_attn: offload_checkpoints has no effect without "
-                      "activation checkpointing (model.gradient_checkpointing_enable() / "
-                      "TrainingArguments(activation_checkpointing=True)).")
+            warn_once(
+                "offload_without_checkpointing",
+                "ulysses_attn: offload_checkpoints has no effect without "
+                "activation checkpointing (model.gradient_checkpointing_enable() / "
+                "TrainingArguments(activation_checkpointing=True)).",
+            )
         return original(*args, **kwargs)
 
     return forward
 
 
-def _chunked_loss_forward(model: torch.nn.Module, original):
+def _chunked_loss_forward(model: Any, original: Any) -> Any:
     scale, softcap = _logit_transform(model.config)
 
     @functools.wraps(original)
@@ -171,8 +181,19 @@ def _chunked_loss_forward(model: torch.nn.Module, original):
     return forward
 
 
-def _loss_from_hidden_states(model, options: MemoryOptions, scale: float, softcap, *, labels=None, shift_labels=None,
-                             num_items_in_batch=None, logits_to_keep=None, return_dict=None, **kwargs):
+def _loss_from_hidden_states(
+    model,
+    options: MemoryOptions,
+    scale: float,
+    softcap,
+    *,
+    labels=None,
+    shift_labels=None,
+    num_items_in_batch=None,
+    logits_to_keep=None,
+    return_dict=None,
+    **kwargs,
+):
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     kwargs["use_cache"] = False

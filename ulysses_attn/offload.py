@@ -30,15 +30,16 @@ from __future__ import annotations
 
 import contextvars
 import weakref
+from typing import Any
 
 import torch
 
 __all__ = ["CheckpointOffloader", "active_offloader"]
 
-_active: contextvars.ContextVar["CheckpointOffloader | None"] = contextvars.ContextVar("ulysses_offloader", default=None)
+_active: contextvars.ContextVar[CheckpointOffloader | None] = contextvars.ContextVar("ulysses_offloader", default=None)
 
 
-def active_offloader() -> "CheckpointOffloader | None":
+def active_offloader() -> CheckpointOffloader | None:
     """The offloader of the forward running now (inside its ``with``), or ``None``."""
     return _active.get()
 
@@ -48,11 +49,11 @@ class _Offloaded:
     # backward starts a new list), ``index``: its place there
     __slots__ = ("records", "index", "device", "host", "device_copy", "ready", "uses")
 
-    def __init__(self, records: list, device: torch.device, host: torch.Tensor, ready):
+    def __init__(self, records: list, device: torch.device, host: torch.Tensor, ready: Any):
         self.records, self.index = records, len(records)
         self.device, self.host, self.ready = device, host, ready
         records.append(self)
-        self.device_copy = None
+        self.device_copy: torch.Tensor | None = None
         self.uses = 1
 
 
@@ -65,7 +66,7 @@ class CheckpointOffloader(torch.autograd.graph.saved_tensors_hooks):
 
     def __init__(self, min_bytes: int = 1 << 20, offload_kept: bool = False):
         self.min_bytes, self.offload_kept = min_bytes, offload_kept
-        self._stream = None
+        self._stream: torch.cuda.Stream | None = None
         self._records: list[_Offloaded | None] = []
         self._seen: dict[int, tuple[weakref.ref, _Offloaded]] = {}
         self._keeping = False
@@ -105,7 +106,7 @@ class CheckpointOffloader(torch.autograd.graph.saved_tensors_hooks):
         if self._stays(tensor):
             return tensor
         source, record = self._seen.get(id(tensor), (None, None))
-        if source is not None and source() is tensor:  # the same tensor, saved again (by another layer)
+        if source is not None and record is not None and source() is tensor:  # saved again, by another layer
             record.uses += 1
             return record
         record = self._offload(tensor)
@@ -159,6 +160,7 @@ class CheckpointOffloader(torch.autograd.graph.saved_tensors_hooks):
         self._fetch(packed)
         self._prefetch_before(packed)
         tensor = packed.device_copy
+        assert tensor is not None  # _fetch made it
         packed.uses -= 1
         if packed.uses == 0:  # the last layer that saved it has unpacked it
             packed.device_copy = None

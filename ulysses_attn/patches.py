@@ -22,16 +22,30 @@ from __future__ import annotations
 
 import importlib.metadata
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from .state import STATE, warn_once
 
-__all__ = ["Patch", "PATCHES", "Applied", "replace", "track", "original", "is_replaced", "restore", "undo_all",
-           "applied", "check_window", "installed_version", "table"]
+__all__ = [
+    "Patch",
+    "PATCHES",
+    "Applied",
+    "replace",
+    "track",
+    "original",
+    "is_replaced",
+    "restore",
+    "undo_all",
+    "applied",
+    "check_window",
+    "installed_version",
+    "table",
+]
 
 
 @dataclass(frozen=True)
@@ -59,89 +73,211 @@ def _p(*args: str, **kwargs: str) -> Patch:
 _HF = ">=5.0,<6"
 _ACC = ">=1.0,<2"
 _TRL = ">=1.16,<2"
-PATCHES: dict[str, Patch] = {p.target: p for p in (
-    _p("transformers.modeling_utils.lazy_import_flash_attention", "transformers", _HF,
-       'transformers treats every attn_implementation containing "flash" as a flash-attn package to import',
-       "a way to register an AttentionInterface function whose name contains \"flash\" without the import",
-       "tests/test_patches.py::test_flash_shim_leaves_other_names_alone", scope="import"),
-    _p("transformers.Trainer.__init__", "transformers", _HF,
-       "every Trainer built after enable() trains with SP, with no change to the script",
-       "a Trainer callback that runs before the dataloaders and the loss are set up",
-       "tests/test_trainer.py::test_sp2_padded_batches_with_eval_and_grad_accum"),
-    _p("transformers.Trainer.data_collator", "transformers", _HF,
-       "batches are padded to a multiple of P, shifted on the full sequence and sharded",
-       "passing data_collator=UlyssesCollator(...) in the script",
-       "tests/test_trainer.py::test_sp2_padded_batches_with_eval_and_grad_accum"),
-    _p("transformers.Trainer.gather_function", "transformers", _HF,
-       "evaluation gathers once per SP group (see accelerate.Accelerator.gather_for_metrics)",
-       "none", "tests/test_trainer.py::test_sp2_padded_batches_with_eval_and_grad_accum"),
-    _p("transformers.TrainingArguments.average_tokens_across_devices", "transformers", _HF,
-       "the SP loss is exact only with the token count of the whole world",
-       "setting it in the script", "tests/test_trainer.py::test_sp2_padded_batches_with_eval_and_grad_accum"),
-    _p("transformers.TrainingArguments.activation_checkpointing", "transformers", _HF,
-       "long_sequence=True turns activation checkpointing on for every Trainer",
-       "setting it in the script", "tests/test_memory.py::test_launcher_long_sequence_and_selective_switches_sp2_equal_plain"),
-    _p("transformers.PreTrainedModel.loss_function", "transformers", _HF,
-       "the causal-LM loss of a shard must be reduced over the SP group",
-       "model.loss_function = ulysses_attn.causal_lm_loss in the script",
-       "tests/test_trainer.py::test_sp2_padded_batches_with_eval_and_grad_accum"),
-    _p("transformers.PreTrainedModel.forward", "transformers", _HF,
-       "the chunked loss runs the backbone and the LM head chunk by chunk, without full logits",
-       "ulysses_attn.chunked_causal_lm_loss in a custom compute_loss",
-       "tests/test_memory.py::test_long_sequence_options_equal_plain_forward_and_bound_logits"),
-    _p("transformers.PreTrainedModel.base_model.forward", "transformers", _HF,
-       "checkpoint offload and selective checkpointing wrap the decoder stack's forward",
-       "none", "tests/test_memory.py::test_long_sequence_and_selective_checkpointing_under_sp_equal_plain_forward"),
-    _p("transformers.GradientCheckpointingLayer._gradient_checkpointing_func", "transformers", _HF,
-       "selective checkpointing passes a context_fn to each layer's checkpoint",
-       "a context_fn option of gradient_checkpointing_enable applied per layer",
-       "tests/test_memory.py::test_selective_checkpointing_keeps_attention_and_equals_full_recompute"),
-    _p("transformers.decoder_layer.mlp.forward", "transformers", _HF,
-       "the tiled MLP runs each decoder MLP over sequence chunks",
-       "none", "tests/test_memory.py::test_long_sequence_options_equal_plain_forward_and_bound_logits"),
-    _p("torch.nn.Module.register_forward_hook", "torch", ">=2.4",
-       "the tiled MLP agrees on its chunk count once per forward; offload marks the end of the decoder stack",
-       "public API (hooks are removed by disable())", "tests/test_memory.py::test_long_sequence_options_equal_plain_forward_and_bound_logits", kind="tracked"),
-    _p("ulysses_attn.model_attributes", "transformers", _HF,
-       "the memory options, tiling and offloader of a model live on it as _ulysses_* attributes",
-       "public API of our own", "tests/test_patches.py::test_enable_disable_enable", kind="tracked"),
-    _p("accelerate.Accelerator.prepare_data_loader", "accelerate", _ACC,
-       "every dataloader a Trainer prepares is sharded over DP groups, not over ranks",
-       "a sampler argument of the Trainer, or accelerate support for SP groups",
-       "tests/test_trainer.py::test_sp2_padded_batches_with_eval_and_grad_accum"),
-    _p("accelerate.data_loader.BatchSamplerShard.num_processes", "accelerate", _ACC,
-       "the sharded sampler of a prepared dataloader counts DP groups, not ranks",
-       "accelerate support for SP groups", "tests/test_trainer.py::test_sp2_times_dp2_equals_ddp2"),
-    _p("accelerate.Accelerator.pad_across_processes", "accelerate", _ACC,
-       "sequence-dim padding of sharded eval outputs is deferred to the SP gather",
-       "none", "tests/test_trainer.py::test_sp2_padded_batches_with_eval_and_grad_accum"),
-    _p("accelerate.Accelerator.gather_for_metrics", "accelerate", _ACC,
-       "eval outputs are re-assembled over the SP group, then gathered over the DP group",
-       "accelerate support for SP groups", "tests/test_trainer.py::test_sp2_padded_batches_with_eval_and_grad_accum"),
-    _p("trl.trainer.sft_trainer.add_fused_lm_head", "trl", _TRL,
-       "TRL's fused LM head is where its SFT trainer scores tokens; it is made sequence-parallel",
-       "an SP hook in TRL's fused head", "tests/test_trl.py::test_sft_padded_completion_only_p2"),
-    _p("trl.trainer.dpo_trainer.add_fused_lm_head", "trl", _TRL,
-       "as for SFT, for DPO", "an SP hook in TRL's fused head", "tests/test_trl.py::test_dpo_sigmoid_separate_reference_model_p2"),
-    _p("trl.fused_lm_head.forward", "trl", _TRL,
-       "the forward add_fused_lm_head installs shards the batch and gathers per-token outputs",
-       "an SP hook in TRL's fused head", "tests/test_trl.py::test_sft_padded_completion_only_p2"),
-    _p("deepspeed.config.sequence_parallel_size", "deepspeed", ">=0.15,<1",
-       "DeepSpeed would divide its data-parallel world by the key; the Trainer's world is the whole world",
-       "dropping the key from the config", "tests/test_deepspeed.py::test_zero2_sp_size_from_config_equals_plain",
-       kind="tracked"),
-    _p("deepspeed.utils.set_z3_leaf_module", "deepspeed", ">=0.15,<1",
-       "a tiled MLP is gathered once per call under ZeRO-3, not once per chunk",
-       "public API (unset by disable())", "tests/test_deepspeed.py::test_zero3_long_sequence_sp2_times_dp2_equals_ddp2", kind="tracked"),
-    _p("transformers.AttentionInterface._global_mapping", "transformers", _HF,
-       "disable(unregister=True) removes ulysses_flash from the attention and mask interfaces",
-       "an unregister method of transformers' GeneralInterface",
-       "tests/test_patches.py::test_unregister_and_register_again", kind="private", scope="import"),
-    _p("flash_attn.cute.interface._flash_attn_fwd", "flash-attn-4", ">=4.0.0b1,<5",
-       "FA4's kernels as a dispatcher op, so selective checkpointing can keep their outputs",
-       "a registered torch op in flash-attn-4", "tests/test_flash4.py::test_an_fa4_with_other_internals_goes_through_its_public_function",
-       kind="private"),
-)}
+PATCHES: dict[str, Patch] = {
+    p.target: p
+    for p in (
+        _p(
+            "transformers.modeling_utils.lazy_import_flash_attention",
+            "transformers",
+            _HF,
+            'transformers treats every attn_implementation containing "flash" as a flash-attn package to import',
+            'a way to register an AttentionInterface function whose name contains "flash" without the import',
+            "tests/test_patches.py::test_flash_shim_leaves_other_names_alone",
+            scope="import",
+        ),
+        _p(
+            "transformers.Trainer.__init__",
+            "transformers",
+            _HF,
+            "every Trainer built after enable() trains with SP, with no change to the script",
+            "a Trainer callback that runs before the dataloaders and the loss are set up",
+            "tests/test_trainer.py::test_sp2_padded_batches_with_eval_and_grad_accum",
+        ),
+        _p(
+            "transformers.Trainer.data_collator",
+            "transformers",
+            _HF,
+            "batches are padded to a multiple of P, shifted on the full sequence and sharded",
+            "passing data_collator=UlyssesCollator(...) in the script",
+            "tests/test_trainer.py::test_sp2_padded_batches_with_eval_and_grad_accum",
+        ),
+        _p(
+            "transformers.Trainer.gather_function",
+            "transformers",
+            _HF,
+            "evaluation gathers once per SP group (see accelerate.Accelerator.gather_for_metrics)",
+            "none",
+            "tests/test_trainer.py::test_sp2_padded_batches_with_eval_and_grad_accum",
+        ),
+        _p(
+            "transformers.TrainingArguments.average_tokens_across_devices",
+            "transformers",
+            _HF,
+            "the SP loss is exact only with the token count of the whole world",
+            "setting it in the script",
+            "tests/test_trainer.py::test_sp2_padded_batches_with_eval_and_grad_accum",
+        ),
+        _p(
+            "transformers.TrainingArguments.activation_checkpointing",
+            "transformers",
+            _HF,
+            "long_sequence=True turns activation checkpointing on for every Trainer",
+            "setting it in the script",
+            "tests/test_memory.py::test_launcher_long_sequence_and_selective_switches_sp2_equal_plain",
+        ),
+        _p(
+            "transformers.PreTrainedModel.loss_function",
+            "transformers",
+            _HF,
+            "the causal-LM loss of a shard must be reduced over the SP group",
+            "model.loss_function = ulysses_attn.causal_lm_loss in the script",
+            "tests/test_trainer.py::test_sp2_padded_batches_with_eval_and_grad_accum",
+        ),
+        _p(
+            "transformers.PreTrainedModel.forward",
+            "transformers",
+            _HF,
+            "the chunked loss runs the backbone and the LM head chunk by chunk, without full logits",
+            "ulysses_attn.chunked_causal_lm_loss in a custom compute_loss",
+            "tests/test_memory.py::test_long_sequence_options_equal_plain_forward_and_bound_logits",
+        ),
+        _p(
+            "transformers.PreTrainedModel.base_model.forward",
+            "transformers",
+            _HF,
+            "checkpoint offload and selective checkpointing wrap the decoder stack's forward",
+            "none",
+            "tests/test_memory.py::test_long_sequence_and_selective_checkpointing_under_sp_equal_plain_forward",
+        ),
+        _p(
+            "transformers.GradientCheckpointingLayer._gradient_checkpointing_func",
+            "transformers",
+            _HF,
+            "selective checkpointing passes a context_fn to each layer's checkpoint",
+            "a context_fn option of gradient_checkpointing_enable applied per layer",
+            "tests/test_memory.py::test_selective_checkpointing_keeps_attention_and_equals_full_recompute",
+        ),
+        _p(
+            "transformers.decoder_layer.mlp.forward",
+            "transformers",
+            _HF,
+            "the tiled MLP runs each decoder MLP over sequence chunks",
+            "none",
+            "tests/test_memory.py::test_long_sequence_options_equal_plain_forward_and_bound_logits",
+        ),
+        _p(
+            "torch.nn.Module.register_forward_hook",
+            "torch",
+            ">=2.4",
+            "the tiled MLP agrees on its chunk count once per forward; offload marks the end of the decoder stack",
+            "public API (hooks are removed by disable())",
+            "tests/test_memory.py::test_long_sequence_options_equal_plain_forward_and_bound_logits",
+            kind="tracked",
+        ),
+        _p(
+            "ulysses_attn.model_attributes",
+            "transformers",
+            _HF,
+            "the memory options, tiling and offloader of a model live on it as _ulysses_* attributes",
+            "public API of our own",
+            "tests/test_patches.py::test_enable_disable_enable",
+            kind="tracked",
+        ),
+        _p(
+            "accelerate.Accelerator.prepare_data_loader",
+            "accelerate",
+            _ACC,
+            "every dataloader a Trainer prepares is sharded over DP groups, not over ranks",
+            "a sampler argument of the Trainer, or accelerate support for SP groups",
+            "tests/test_trainer.py::test_sp2_padded_batches_with_eval_and_grad_accum",
+        ),
+        _p(
+            "accelerate.data_loader.BatchSamplerShard.num_processes",
+            "accelerate",
+            _ACC,
+            "the sharded sampler of a prepared dataloader counts DP groups, not ranks",
+            "accelerate support for SP groups",
+            "tests/test_trainer.py::test_sp2_times_dp2_equals_ddp2",
+        ),
+        _p(
+            "accelerate.Accelerator.pad_across_processes",
+            "accelerate",
+            _ACC,
+            "sequence-dim padding of sharded eval outputs is deferred to the SP gather",
+            "none",
+            "tests/test_trainer.py::test_sp2_padded_batches_with_eval_and_grad_accum",
+        ),
+        _p(
+            "accelerate.Accelerator.gather_for_metrics",
+            "accelerate",
+            _ACC,
+            "eval outputs are re-assembled over the SP group, then gathered over the DP group",
+            "accelerate support for SP groups",
+            "tests/test_trainer.py::test_sp2_padded_batches_with_eval_and_grad_accum",
+        ),
+        _p(
+            "trl.trainer.sft_trainer.add_fused_lm_head",
+            "trl",
+            _TRL,
+            "TRL's fused LM head is where its SFT trainer scores tokens; it is made sequence-parallel",
+            "an SP hook in TRL's fused head",
+            "tests/test_trl.py::test_sft_padded_completion_only_p2",
+        ),
+        _p(
+            "trl.trainer.dpo_trainer.add_fused_lm_head",
+            "trl",
+            _TRL,
+            "as for SFT, for DPO",
+            "an SP hook in TRL's fused head",
+            "tests/test_trl.py::test_dpo_sigmoid_separate_reference_model_p2",
+        ),
+        _p(
+            "trl.fused_lm_head.forward",
+            "trl",
+            _TRL,
+            "the forward add_fused_lm_head installs shards the batch and gathers per-token outputs",
+            "an SP hook in TRL's fused head",
+            "tests/test_trl.py::test_sft_padded_completion_only_p2",
+        ),
+        _p(
+            "deepspeed.config.sequence_parallel_size",
+            "deepspeed",
+            ">=0.15,<1",
+            "DeepSpeed would divide its data-parallel world by the key; the Trainer's world is the whole world",
+            "dropping the key from the config",
+            "tests/test_deepspeed.py::test_zero2_sp_size_from_config_equals_plain",
+            kind="tracked",
+        ),
+        _p(
+            "deepspeed.utils.set_z3_leaf_module",
+            "deepspeed",
+            ">=0.15,<1",
+            "a tiled MLP is gathered once per call under ZeRO-3, not once per chunk",
+            "public API (unset by disable())",
+            "tests/test_deepspeed.py::test_zero3_long_sequence_sp2_times_dp2_equals_ddp2",
+            kind="tracked",
+        ),
+        _p(
+            "transformers.AttentionInterface._global_mapping",
+            "transformers",
+            _HF,
+            "disable(unregister=True) removes ulysses_flash from the attention and mask interfaces",
+            "an unregister method of transformers' GeneralInterface",
+            "tests/test_patches.py::test_unregister_and_register_again",
+            kind="private",
+            scope="import",
+        ),
+        _p(
+            "flash_attn.cute.interface._flash_attn_fwd",
+            "flash-attn-4",
+            ">=4.0.0b1,<5",
+            "FA4's kernels as a dispatcher op, so selective checkpointing can keep their outputs",
+            "a registered torch op in flash-attn-4",
+            "tests/test_flash4.py::test_an_fa4_with_other_internals_goes_through_its_public_function",
+            kind="private",
+        ),
+    )
+}
 
 
 @dataclass
@@ -164,7 +300,7 @@ class Applied:
         owner = self.target()
         if owner is None:
             return False
-        return self.undo is not None or getattr(owner, self.attr, None) is self.new
+        return self.undo is not None or getattr(owner, str(self.attr), None) is self.new
 
     def revert(self) -> None:
         owner = self.target()
@@ -173,9 +309,9 @@ class Applied:
         if self.undo is not None:
             self.undo()
         elif self.inherited and self.attr in getattr(owner, "__dict__", {}):
-            delattr(owner, self.attr)
+            delattr(owner, str(self.attr))
         else:  # a property (e.g. PreTrainedModel.loss_function) or an own attribute
-            setattr(owner, self.attr, self.original)
+            setattr(owner, str(self.attr), self.original)
 
 
 def installed_version(library: str) -> Version | None:
@@ -190,9 +326,17 @@ def check_window(name: str) -> Patch:
     patch = PATCHES[name]
     version = installed_version(patch.library)
     if version is not None and not SpecifierSet(patch.versions, prereleases=True).contains(version, prereleases=True):
-        warn_once(("patch_window", name), "ulysses_attn: patch %s was written for %s%s; found %s %s. If results "
-                  "look wrong, pin %s%s and report it.", name, patch.library, patch.versions, patch.library,
-                  version, patch.library, patch.versions)
+        warn_once(
+            ("patch_window", name),
+            "ulysses_attn: patch %s was written for %s%s; found %s %s. If results look wrong, pin %s%s and report it.",
+            name,
+            patch.library,
+            patch.versions,
+            patch.library,
+            version,
+            patch.library,
+            patch.versions,
+        )
     return patch
 
 
@@ -277,6 +421,7 @@ def table() -> str:
     rows = ["| target | library | versions | kind | why | public alternative | test |", "|---" * 7 + "|"]
     for p in PATCHES.values():
         kind = p.kind if p.scope == "enable" else f"{p.kind} (on import)"
-        rows.append(f"| `{p.target}` | {p.library} | `{p.versions}` | {kind} | {p.why} | {p.public_alternative} | "
-                    f"`{p.test}` |")
+        rows.append(
+            f"| `{p.target}` | {p.library} | `{p.versions}` | {kind} | {p.why} | {p.public_alternative} | `{p.test}` |"
+        )
     return "\n".join(rows)

@@ -40,12 +40,18 @@ __all__ = ["is_attention_op", "keep_attention_outputs", "keeps_attention_outputs
 
 # forward attention kernels as the dispatcher sees them (SDPA's flash/cuDNN/efficient/CPU-flash
 # backends, torch.nn.attention.varlen, flash-attn's registered ops, ulysses_attn::flash_attn4)
-_ATTENTION_OPS = ("scaled_dot_product", "_flash_attention_forward", "_efficient_attention_forward",
-                  "_cudnn_attention_forward", "varlen_attn", "flash_attn")
+_ATTENTION_OPS = (
+    "scaled_dot_product",
+    "_flash_attention_forward",
+    "_efficient_attention_forward",
+    "_cudnn_attention_forward",
+    "varlen_attn",
+    "flash_attn",
+)
 _PATCH = "transformers.GradientCheckpointingLayer._gradient_checkpointing_func"
 
 
-@functools.lru_cache(maxsize=None)  # asked for every op that runs inside a checkpointed layer
+@functools.cache  # asked for every op that runs inside a checkpointed layer
 def is_attention_op(op) -> bool:
     """Whether a dispatcher op is a forward attention kernel whose outputs are kept."""
     name = str(op)
@@ -86,7 +92,8 @@ class _AttentionOutputs(TorchDispatchMode):
             raise RuntimeError(
                 f"selective checkpointing: the recompute ran attention kernel #{self.next + 1} ({func}) but the "
                 f"forward kept {len(self.kept)}; the checkpointed layer must call the same attention kernels "
-                "in its recompute (or it was run backward twice).")
+                "in its recompute (or it was run backward twice)."
+            )
         (offloader, out), self.kept[self.next] = self.kept[self.next], None
         self.next += 1
         STATE.replayed_attention_outputs += 1
@@ -120,8 +127,10 @@ def keep_attention_outputs_of(layers) -> int:
         if func is None or keeps_attention_outputs(layer):
             continue
         if getattr(func, "keywords", {}).get("use_reentrant", False):
-            raise ValueError("selective checkpointing needs non-reentrant checkpointing "
-                             "(activation_checkpointing_kwargs={'use_reentrant': False}).")
+            raise ValueError(
+                "selective checkpointing needs non-reentrant checkpointing "
+                "(activation_checkpointing_kwargs={'use_reentrant': False})."
+            )
         patches.replace(_PATCH, layer, "_gradient_checkpointing_func", functools.partial(func, context_fn=_context))
         changed += 1
     return changed

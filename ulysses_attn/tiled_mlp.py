@@ -5,7 +5,8 @@ exact. Each chunk runs under non-reentrant activation checkpointing, so at most 
 intermediate activations (``3 x intermediate_size`` values per token for a gated MLP) exist at a
 time, forward or backward, instead of the whole sequence's. The submodules are called as modules,
 so DeepSpeed ZeRO-3 gathers their weights as usual (every rank makes the same number of calls:
-:func:`~ulysses_attn.comm.chunk_count`, agreed once per forward), and the gradient of each weight is accumulated once per
+:func:`~ulysses_attn.comm.chunk_count`, agreed once per forward), and the gradient of each weight
+is accumulated once per
 step (the chunks share one autograd graph). Under ZeRO-3 a tiled MLP is marked a DeepSpeed "leaf"
 module (:func:`_gather_whole_under_zero3`).
 
@@ -39,7 +40,8 @@ def default_mlp_chunk_tokens(config) -> int:
 
 
 def _decoder_mlps(model: torch.nn.Module) -> list[torch.nn.Module]:
-    return [layer.mlp for layer in decoder_layers(model) if isinstance(getattr(layer, "mlp", None), torch.nn.Module)]
+    mlps = (getattr(layer, "mlp", None) for layer in decoder_layers(model))
+    return [mlp for mlp in mlps if isinstance(mlp, torch.nn.Module)]
 
 
 class _Tiling:
@@ -48,10 +50,12 @@ class _Tiling:
     one per layer and per recompute)."""
 
     def __init__(self, chunk_tokens: int):
-        self.chunk_tokens, self.seq, self.count = chunk_tokens, None, None
+        self.chunk_tokens = chunk_tokens
+        self.seq: int | None = None
+        self.count: int | None = None
         self.enabled = True  # configure_memory(tiled_mlp=False) switches it off
 
-    def agree(self, backbone, args, kwargs) -> None:
+    def agree(self, backbone: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         x = kwargs.get("input_ids")
         x = x if x is not None else kwargs.get("inputs_embeds")
         x = x if x is not None or not args else args[0]
@@ -61,7 +65,7 @@ class _Tiling:
 
     def count_for(self, hidden_states: torch.Tensor) -> int:
         seq = hidden_states.shape[-2]
-        if seq == self.seq:
+        if seq == self.seq and self.count is not None:
             return self.count
         return chunk_count(seq, self.chunk_tokens, hidden_states.device)
 
@@ -75,25 +79,27 @@ def tile_mlp(model: torch.nn.Module, chunk_tokens: int | None = None) -> int:
     """
     mlps = _decoder_mlps(model)
     if not mlps:
-        raise NotImplementedError(
-            f"tile_mlp found no decoder layer with an `mlp` submodule in {type(model).__name__}."
-        )
+        raise NotImplementedError(f"tile_mlp found no decoder layer with an `mlp` submodule in {type(model).__name__}.")
     for mlp in mlps:
         if any(hasattr(mlp, name) for name in _MOE_ATTRIBUTES):
-            raise NotImplementedError(
-                f"tile_mlp does not support mixture-of-experts blocks ({type(mlp).__name__})."
-            )
-    chunk_tokens = default_mlp_chunk_tokens(model.config) if chunk_tokens is None else chunk_tokens  # 0: chunk_count raises
+            raise NotImplementedError(f"tile_mlp does not support mixture-of-experts blocks ({type(mlp).__name__}).")
+    if chunk_tokens is None:  # 0 is refused by chunk_count
+        chunk_tokens = default_mlp_chunk_tokens(model.config)
     tiling = getattr(model, "_ulysses_tiling", None)
     if tiling is None:
-        model._ulysses_tiling = tiling = _Tiling(chunk_tokens)
+        tiling = _Tiling(chunk_tokens)
+        setattr(model, "_ulysses_tiling", tiling)  # noqa: B010 (typed: nn.Module attributes are Tensor | Module)
         patches.track("ulysses_attn.model_attributes", model, lambda: model.__dict__.pop("_ulysses_tiling", None))
         backbone = getattr(model, "base_model", model)
         handle = backbone.register_forward_pre_hook(tiling.agree, with_kwargs=True)
         patches.track("torch.nn.Module.register_forward_hook", backbone, handle.remove)
         for mlp in mlps:
-            patches.replace("transformers.decoder_layer.mlp.forward", mlp, "forward",
-                            functools.partial(_tiled_forward, tiling, mlp.forward))
+            patches.replace(
+                "transformers.decoder_layer.mlp.forward",
+                mlp,
+                "forward",
+                functools.partial(_tiled_forward, tiling, mlp.forward),
+            )
     _gather_whole_under_zero3(mlps)  # again on a later call: ZeRO-3 may have been configured since
     tiling.chunk_tokens, tiling.enabled = chunk_tokens, True
     return len(mlps)

@@ -31,8 +31,9 @@ def shard_dataloaders_over_dp_groups(accelerator, sp: SequenceParallel) -> None:
         shard_over_dp_groups(loader, sp)
         return loader
 
-    patches.replace("accelerate.Accelerator.prepare_data_loader", accelerator, "prepare_data_loader",
-                    _prepare_data_loader)
+    patches.replace(
+        "accelerate.Accelerator.prepare_data_loader", accelerator, "prepare_data_loader", _prepare_data_loader
+    )
 
 
 def shard_over_dp_groups(loader, sp: SequenceParallel) -> None:
@@ -44,7 +45,11 @@ def shard_over_dp_groups(loader, sp: SequenceParallel) -> None:
             "dispatch_batches=True is not supported with sequence parallelism; "
             "set accelerator_config={'dispatch_batches': False}."
         )
-    for obj in (getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None), getattr(loader, "dataset", None)):
+    for obj in (
+        getattr(loader, "batch_sampler", None),
+        getattr(loader, "sampler", None),
+        getattr(loader, "dataset", None),
+    ):
         if isinstance(obj, (BatchSamplerShard, IterableDatasetShard)):
             patches.replace(_SHARD, obj, "num_processes", sp.dp_size)
             patches.replace(_SHARD, obj, "process_index", sp.dp_rank)
@@ -66,10 +71,15 @@ def install_metrics_gather(accelerator, sp: SequenceParallel, sharded_inputs: bo
                 return tensor
             return pad_across_processes(tensor, dim=dim, pad_index=pad_index, pad_first=pad_first)
 
-        patches.replace("accelerate.Accelerator.pad_across_processes", accelerator, "pad_across_processes",
-                        _pad_across_processes)
-    patches.replace("accelerate.Accelerator.gather_for_metrics", accelerator, "gather_for_metrics",
-                    functools.partial(_gather_for_metrics, accelerator, sp, sharded_inputs))
+        patches.replace(
+            "accelerate.Accelerator.pad_across_processes", accelerator, "pad_across_processes", _pad_across_processes
+        )
+    patches.replace(
+        "accelerate.Accelerator.gather_for_metrics",
+        accelerator,
+        "gather_for_metrics",
+        functools.partial(_gather_for_metrics, accelerator, sp, sharded_inputs),
+    )
 
 
 def _gather_for_metrics(
@@ -78,7 +88,8 @@ def _gather_for_metrics(
     """``Accelerator.gather_for_metrics`` for SP.
 
     Inside the SP group, per-token tensors (``dim >= 2``: logits, labels) of sharded inputs are
-    re-assembled along the sequence (TRL's fused trainers already hold whole sequences) and per-sample values (``dim <= 1``: losses) are averaged -- each rank's loss is
+    re-assembled along the sequence (TRL's fused trainers already hold whole sequences)
+    and per-sample values (``dim <= 1``: losses) are averaged -- each rank's loss is
     its shard's share of the sample's loss (``num_items_in_batch`` convention) or already the full
     value. The result is then gathered over the DP group exactly as a run without SP on
     ``dp_size`` processes gathers it (re-assembled sequences padded at their end with -100 to the

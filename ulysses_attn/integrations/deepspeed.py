@@ -11,6 +11,8 @@ SP size and remove the key from the config DeepSpeed receives.
 
 from __future__ import annotations
 
+import functools
+
 from .. import patches
 
 KEY = "sequence_parallel_size"
@@ -18,7 +20,7 @@ KEY = "sequence_parallel_size"
 
 def trainer_deepspeed_configs(trainer) -> list[dict]:
     """The DeepSpeed config dicts a Trainer will hand to ``deepspeed.initialize``."""
-    configs = []
+    configs: list[dict] = []
     plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
     for holder in (getattr(plugin, "hf_ds_config", None), getattr(trainer.args, "hf_deepspeed_config", None)):
         config = getattr(holder, "config", None)
@@ -32,7 +34,7 @@ def reconcile_sequence_parallel_size(trainer, sp_size: int) -> None:
     for config in trainer_deepspeed_configs(trainer):
         size = config.pop(KEY, None)
         if size is not None:
-            patches.track(f"deepspeed.config.{KEY}", config, lambda c=config, s=size: c.setdefault(KEY, s))
+            patches.track(f"deepspeed.config.{KEY}", config, functools.partial(config.setdefault, KEY, size))
         if size is not None and int(size) != sp_size:
             raise ValueError(
                 f"The DeepSpeed config sets {KEY}={size} but sequence parallelism was initialised with size "

@@ -60,7 +60,9 @@ def _deepspeed_sp_size() -> tuple[object, str | None]:
 
 
 def _positive_int(value, source: str) -> int:
-    whole = (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and value.strip().isdigit())
+    whole = (isinstance(value, int) and not isinstance(value, bool)) or (
+        isinstance(value, str) and value.strip().isdigit()
+    )
     if not whole or int(value) < 1:
         raise ValueError(f"{source} must be a positive integer (the sequence-parallel size); got {value!r}.")
     return int(value)
@@ -169,7 +171,8 @@ def _patch_trainer() -> None:
             logger.warning(
                 "ulysses_attn: sequence parallelism (size %d) is enabled but %s's model does not use "
                 'attn_implementation="ulysses_flash": it trains with plain data parallelism over all ranks.',
-                sp.size, type(self).__name__,
+                sp.size,
+                type(self).__name__,
             )
 
     patches.replace("transformers.Trainer.__init__", Trainer, "__init__", __init__)
@@ -179,8 +182,11 @@ def trainer_loss_path(trainer, options: MemoryOptions | None = None) -> LossPath
     """The loss path of the trainer's training steps (:func:`ulysses_attn.loss.loss_path`)."""
     chunked = (options or STATE.memory or MemoryOptions()).chunked_loss
     heads = ulysses_models(trainer.model)
-    return loss_path(heads[0] if heads else trainer.model, chunked_loss=chunked,
-                     trl_fused_head=isinstance(trainer, fused_trainer_classes()))
+    return loss_path(
+        heads[0] if heads else trainer.model,
+        chunked_loss=chunked,
+        trl_fused_head=isinstance(trainer, fused_trainer_classes()),
+    )
 
 
 def _set_arg(trainer, record: str, name: str, value) -> None:
@@ -199,7 +205,9 @@ def attach(trainer, sp: SequenceParallel | None = None) -> None:
     sp = sp or get_sequence_parallel()
     args = trainer.args
     if getattr(args, "train_sampling_strategy", None) == "batch_rebalance":
-        raise NotImplementedError("train_sampling_strategy='batch_rebalance' is not supported with sequence parallelism.")
+        raise NotImplementedError(
+            "train_sampling_strategy='batch_rebalance' is not supported with sequence parallelism."
+        )
     if not args.average_tokens_across_devices:
         logger.warning("ulysses_attn: setting average_tokens_across_devices=True (required for an exact SP loss).")
         _set_arg(trainer, "average_tokens_across_devices", "average_tokens_across_devices", True)
@@ -209,6 +217,8 @@ def attach(trainer, sp: SequenceParallel | None = None) -> None:
             "Sequence parallelism with the Trainer supports causal-LM models (*ForCausalLM); "
             f"got {type(trainer.model).__name__}."
         )
+    if sp is None:
+        raise RuntimeError("attach() needs an SP group: call ulysses_attn.enable(sp_size) first.")
     reconcile_sequence_parallel_size(trainer, sp.size)
     # TRL's fused-head trainers keep whole batches and shard inside the forward (integrations/trl.py)
     sharded_inputs = trainer_loss_path(trainer) is not LossPath.TRL_FUSED_HEAD
@@ -221,8 +231,9 @@ def attach(trainer, sp: SequenceParallel | None = None) -> None:
             patches.replace("transformers.Trainer.data_collator", trainer, "data_collator", collator)
     shard_dataloaders_over_dp_groups(trainer.accelerator, sp)
     install_metrics_gather(trainer.accelerator, sp, sharded_inputs)
-    patches.replace("transformers.Trainer.gather_function", trainer, "gather_function",
-                    trainer.accelerator.gather_for_metrics)
+    patches.replace(
+        "transformers.Trainer.gather_function", trainer, "gather_function", trainer.accelerator.gather_for_metrics
+    )
 
 
 def apply_memory_options(trainer, options: MemoryOptions) -> None:
@@ -230,10 +241,12 @@ def apply_memory_options(trainer, options: MemoryOptions) -> None:
     if trainer_loss_path(trainer, options) is LossPath.TRL_FUSED_HEAD:
         options = dataclasses.replace(options, chunked_loss=False)  # TRL's fused head is chunked already
     for model in ulysses_models(trainer.model):
-        if model.get_output_embeddings() is not None:
+        if model.get_output_embeddings() is not None:  # type: ignore[operator]
             configure_memory(model, options)
     if options.activation_checkpointing:
-        name = "activation_checkpointing" if hasattr(trainer.args, "activation_checkpointing") else "gradient_checkpointing"
+        name = (
+            "activation_checkpointing"
+            if hasattr(trainer.args, "activation_checkpointing")
+            else "gradient_checkpointing"
+        )
         _set_arg(trainer, "activation_checkpointing", name, True)
-
-

@@ -121,8 +121,10 @@ def patch_trl() -> None:
     except ImportError:
         return
     if not trl_supported():
-        logger.warning("ulysses_attn: trl %s has no fused LM head; TRL trainers cannot be sequence-parallel "
-                       "(needs trl>=1.16).", trl.__version__)
+        logger.warning(
+            "ulysses_attn: trl %s has no fused LM head; TRL trainers cannot be sequence-parallel (needs trl>=1.16).",
+            trl.__version__,
+        )
         return
     for name in _MODULES:
         module = importlib.import_module(name)

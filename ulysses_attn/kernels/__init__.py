@@ -17,8 +17,8 @@ the call. Force one with ``ULYSSES_ATTN_KERNEL=<name>`` or :func:`set_kernel`.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -31,8 +31,17 @@ from .sdpa import sdpa
 from .torch_varlen import torch_varlen
 
 __all__ = [
-    "Kernel", "KERNELS", "Layout", "layout_from_positions", "attend", "choose_kernel", "set_kernel",
-    "available_kernels", "flash_version", "used_kernels", "reset_used_kernels",
+    "Kernel",
+    "KERNELS",
+    "Layout",
+    "layout_from_positions",
+    "attend",
+    "choose_kernel",
+    "set_kernel",
+    "available_kernels",
+    "flash_version",
+    "used_kernels",
+    "reset_used_kernels",
 ]
 
 
@@ -50,8 +59,9 @@ class Kernel:
 
 
 KERNELS: dict[str, Kernel] = {
-    "flash_attn": Kernel(flash_attn, lambda d: flash_version(d) is not None,
-                         dropout=lambda d: flash_version(d) == "fa2"),
+    "flash_attn": Kernel(
+        flash_attn, lambda d: flash_version(d) is not None, dropout=lambda d: flash_version(d) == "fa2"
+    ),
     "sdpa": Kernel(sdpa, _always, window=False, softcap=False),
     "torch_varlen": Kernel(torch_varlen, _device.has_torch_varlen, softcap=False, dropout=lambda d: False),
     "reference": Kernel(reference, _always),
@@ -142,5 +152,6 @@ def attend(
     STATE.used_kernels.add(label)
     where = f"{q.device.type} dense={layout.dense} window={bool(window)} softcap={bool(softcap)}"
     log_once(("kernel", label, where), "ulysses_flash inner attention: %s (%s)", label, where)
-    return KERNELS[name].fn(q, k, v, layout, causal=causal, scale=scale, dropout=dropout, window=window,
-                            softcap=softcap)
+    return KERNELS[name].fn(
+        q, k, v, layout, causal=causal, scale=scale, dropout=dropout, window=window, softcap=softcap
+    )

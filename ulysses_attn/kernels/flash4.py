@@ -25,18 +25,34 @@ logger = logging.getLogger("ulysses_attn")
 
 __all__ = ["flash_attn4", "supported"]
 
-_FWD_KEYWORDS = {"cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "softmax_scale", "causal",
-                 "softcap", "window_size_left", "window_size_right", "return_lse"}
+_FWD_KEYWORDS = {
+    "cu_seqlens_q",
+    "cu_seqlens_k",
+    "max_seqlen_q",
+    "max_seqlen_k",
+    "softmax_scale",
+    "causal",
+    "softcap",
+    "window_size_left",
+    "window_size_right",
+    "return_lse",
+}
 _BWD_POSITIONAL = ["q", "k", "v", "out", "dout", "lse", "softmax_scale", "causal", "softcap"]
-_BWD_KEYWORDS = {"window_size_left", "window_size_right", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q",
-                 "max_seqlen_k"}
+_BWD_KEYWORDS = {
+    "window_size_left",
+    "window_size_right",
+    "cu_seqlens_q",
+    "cu_seqlens_k",
+    "max_seqlen_q",
+    "max_seqlen_k",
+}
 
 
 def _load_interface():
     return importlib.import_module("flash_attn.cute.interface")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _internals():
     """FA4's ``(_flash_attn_fwd, _flash_attn_bwd)``, or ``None`` where they are missing or changed."""
     try:
@@ -46,12 +62,17 @@ def _internals():
     fwd, bwd = getattr(interface, "_flash_attn_fwd", None), getattr(interface, "_flash_attn_bwd", None)
     if fwd is not None and bwd is not None:
         fwd_params, bwd_params = inspect.signature(fwd).parameters, list(inspect.signature(bwd).parameters)
-        if _FWD_KEYWORDS <= set(fwd_params) and bwd_params[:len(_BWD_POSITIONAL)] == _BWD_POSITIONAL \
-                and _BWD_KEYWORDS <= set(bwd_params):
+        if (
+            _FWD_KEYWORDS <= set(fwd_params)
+            and bwd_params[: len(_BWD_POSITIONAL)] == _BWD_POSITIONAL
+            and _BWD_KEYWORDS <= set(bwd_params)
+        ):
             return fwd, bwd
-    logger.warning("ulysses_flash: this FlashAttention-4 version's internal forward/backward differ from the "
-                   "ones ulysses_attn wraps (flash-attn-4 4.0.0b36); using its public function, so selective "
-                   "checkpointing recomputes FA4's attention.")
+    logger.warning(
+        "ulysses_flash: this FlashAttention-4 version's internal forward/backward differ from the "
+        "ones ulysses_attn wraps (flash-attn-4 4.0.0b36); using its public function, so selective "
+        "checkpointing recomputes FA4's attention."
+    )
     return None
 
 
@@ -76,9 +97,21 @@ def flash_attn4(
     """FA4 attention: ``q [B, S, H, D]`` (or ``[tokens, H, D]`` with ``cu_seqlens``) -> ``(out, lse)``.
     ``window_left/right`` as FA4 counts them (``None``: unbounded)."""
     fwd, _ = _internals()
-    out, lse = fwd(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
-                   max_seqlen_k=max_seqlen, softmax_scale=scale, causal=causal, softcap=softcap,
-                   window_size_left=window_left, window_size_right=window_right, return_lse=True)[:2]
+    out, lse = fwd(
+        q,
+        k,
+        v,
+        cu_seqlens_q=cu_seqlens,
+        cu_seqlens_k=cu_seqlens,
+        max_seqlen_q=max_seqlen,
+        max_seqlen_k=max_seqlen,
+        softmax_scale=scale,
+        causal=causal,
+        softcap=softcap,
+        window_size_left=window_left,
+        window_size_right=window_right,
+        return_lse=True,
+    )[:2]
     return out, lse
 
 
@@ -106,9 +139,23 @@ def flash_attn4_backward(
     softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _, bwd = _internals()
-    dq, dk, dv = bwd(q, k, v, out, dout, lse, scale, causal, softcap, window_size_left=window_left,
-                     window_size_right=window_right, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
-                     max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)[:3]
+    dq, dk, dv = bwd(
+        q,
+        k,
+        v,
+        out,
+        dout,
+        lse,
+        scale,
+        causal,
+        softcap,
+        window_size_left=window_left,
+        window_size_right=window_right,
+        cu_seqlens_q=cu_seqlens,
+        cu_seqlens_k=cu_seqlens,
+        max_seqlen_q=max_seqlen,
+        max_seqlen_k=max_seqlen,
+    )[:3]
     return dq, dk, dv
 
 

@@ -33,7 +33,7 @@ def _installed(distribution: str) -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def flash_module(capability: tuple[int, int]):
     """The FlashAttention module to use on a GPU of this compute capability: FA3, FA4, then FA2.
 
@@ -53,7 +53,7 @@ def flash_module(capability: tuple[int, int]):
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _module_on(device: torch.device):
     return flash_module(_device.capability(device)) if device.type == "cuda" else None
 
@@ -71,8 +71,10 @@ def _selective_checkpoint_keeping() -> bool:
 
 def _fa4_op_call(scale, causal, window_left_right, softcap):
     def call(q, k, v, cu_seqlens=None, max_seqlen=None):
-        return flash4.flash_attn4(q, k, v, cu_seqlens, max_seqlen, scale, causal,
-                                  *(window_left_right or (None, None)), float(softcap or 0.0))[0]
+        return flash4.flash_attn4(
+            q, k, v, cu_seqlens, max_seqlen, scale, causal, *(window_left_right or (None, None)), float(softcap or 0.0)
+        )[0]
+
     return call
 
 
@@ -89,9 +91,18 @@ def _public_call(fa, scale, causal, window_left_right, softcap, dropout):
         if cu_seqlens is None:
             out = fa.flash_attn_func(q, k, v, **kwargs)
         else:  # by keyword: FA4 takes ``qv`` where FA2/FA3 take ``cu_seqlens_q``
-            out = fa.flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
-                                            max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, **kwargs)
+            out = fa.flash_attn_varlen_func(
+                q,
+                k,
+                v,
+                cu_seqlens_q=cu_seqlens,
+                cu_seqlens_k=cu_seqlens,
+                max_seqlen_q=max_seqlen,
+                max_seqlen_k=max_seqlen,
+                **kwargs,
+            )
         return out[0] if isinstance(out, tuple) else out
+
     return call
 
 
@@ -102,9 +113,12 @@ def flash_attn(q, k, v, layout: Layout, *, causal, scale, dropout, window, softc
         call = _fa4_op_call(scale, causal, window_left_right, softcap)  # selective checkpointing can keep it
     else:
         if fa.__name__ == "flash_attn.cute" and _selective_checkpoint_keeping():
-            warn_once("fa4_selective", "selective checkpointing cannot keep the outputs of this FlashAttention-4 "
-                      "version (its kernels run outside the PyTorch dispatcher): attention is recomputed as with "
-                      "full checkpointing. Use ULYSSES_ATTN_KERNEL=sdpa to keep them.")
+            warn_once(
+                "fa4_selective",
+                "selective checkpointing cannot keep the outputs of this FlashAttention-4 "
+                "version (its kernels run outside the PyTorch dispatcher): attention is recomputed as with "
+                "full checkpointing. Use ULYSSES_ATTN_KERNEL=sdpa to keep them.",
+            )
         call = _public_call(fa, scale, causal, window_left_right, softcap, dropout)
     if layout.dense:
         return call(q, k, v)

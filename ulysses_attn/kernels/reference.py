@@ -32,6 +32,7 @@ def reference(q, k, v, layout: Layout, *, causal, scale, dropout, window, softca
         allowed = allowed & layout.key_valid[:, None, None, :].bool()
     if not layout.dense:
         seg = layout.segment_ids
+        assert seg is not None  # a segmented layout has them
         allowed = allowed & (seg[:, None, :, None] == seg[:, None, None, :]) & (seg[:, None, None, :] >= 0)
     scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1)

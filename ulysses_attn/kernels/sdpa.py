@@ -15,8 +15,22 @@ __all__ = ["sdpa", "sdpa_length"]
 def sdpa(q, k, v, layout: Layout, *, causal, scale, dropout, window, softcap):
     if not layout.dense:  # one dense call per segment of the flattened kept tokens
         segments = zip(*(t.split(layout.seqlens) for t in layout.flatten(q, k, v)))
-        out = torch.cat([sdpa(*(t[None] for t in seg), Layout(), causal=causal, scale=scale, dropout=dropout,
-                              window=None, softcap=None)[0] for seg in segments])
+        out = torch.cat(
+            [
+                sdpa(
+                    seg[0][None],
+                    seg[1][None],
+                    seg[2][None],
+                    Layout(),
+                    causal=causal,
+                    scale=scale,
+                    dropout=dropout,
+                    window=None,
+                    softcap=None,
+                )[0]
+                for seg in segments
+            ]
+        )
         return layout.unflatten(out, q.shape[0], q.shape[1])
     S = q.shape[1]
     padded = sdpa_length(q.device, S) if causal else S

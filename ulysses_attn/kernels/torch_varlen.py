@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import torch
 
@@ -32,6 +33,7 @@ def torch_varlen(q, k, v, layout: Layout, *, causal, scale, dropout, window, sof
     elif kf.shape[1] != qf.shape[1]:
         kf = kf.repeat_interleave(qf.shape[1] // kf.shape[1], dim=1)
         vf = vf.repeat_interleave(qf.shape[1] // vf.shape[1], dim=1)
-    cu, m = layout.cu_seqlens, layout.max_seqlen
-    out = varlen_attn(qf, kf, vf, cu, cu, m, m, **kwargs)
+    cu_seqlens: Any = layout.cu_seqlens
+    m = layout.max_seqlen
+    out: Any = varlen_attn(qf, kf, vf, cu_seqlens, cu_seqlens, m, m, **kwargs)
     return layout.unflatten(out, B, S)
