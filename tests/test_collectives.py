@@ -19,8 +19,21 @@ import torch.distributed as dist
 from distributed import run_distributed
 from tiny_models import VOCAB, build
 
-_COUNTED = ("all_to_all_single", "all_to_all", "all_gather", "all_gather_into_tensor", "all_reduce", "broadcast",
-            "reduce_scatter_tensor", "reduce_scatter", "send", "recv", "isend", "irecv", "barrier")
+_COUNTED = (
+    "all_to_all_single",
+    "all_to_all",
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_reduce",
+    "broadcast",
+    "reduce_scatter_tensor",
+    "reduce_scatter",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
+    "barrier",
+)
 
 
 def _count_collectives() -> collections.Counter:

@@ -23,20 +23,30 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # what each replacement relies on: the parameters (in order, a prefix) of the function it wraps or
 # calls, or the attribute/field it sets. A library upgrade that changes one fails here, by name.
 SIGNATURES = {
-    "transformers.modeling_utils.lazy_import_flash_attention": ("transformers.modeling_utils:lazy_import_flash_attention",
-                                                                ["implementation"]),
-    "transformers.Trainer.__init__": ("transformers:Trainer.__init__",
-                                      ["self", "model", "args", "data_collator", "train_dataset", "eval_dataset",
-                                       "processing_class"]),
-    "accelerate.Accelerator.prepare_data_loader": ("accelerate:Accelerator.prepare_data_loader",
-                                                   ["self", "data_loader"]),
-    "accelerate.Accelerator.pad_across_processes": ("accelerate:Accelerator.pad_across_processes",
-                                                    ["self", "tensor", "dim", "pad_index", "pad_first"]),
-    "accelerate.Accelerator.gather_for_metrics": ("accelerate:Accelerator.gather_for_metrics",
-                                                  ["self", "input_data", "use_gather_object"]),
-    "accelerate.data_loader.BatchSamplerShard.num_processes": ("accelerate.data_loader:BatchSamplerShard.__init__",
-                                                               ["self", "batch_sampler", "num_processes",
-                                                                "process_index"]),
+    "transformers.modeling_utils.lazy_import_flash_attention": (
+        "transformers.modeling_utils:lazy_import_flash_attention",
+        ["implementation"],
+    ),
+    "transformers.Trainer.__init__": (
+        "transformers:Trainer.__init__",
+        ["self", "model", "args", "data_collator", "train_dataset", "eval_dataset", "processing_class"],
+    ),
+    "accelerate.Accelerator.prepare_data_loader": (
+        "accelerate:Accelerator.prepare_data_loader",
+        ["self", "data_loader"],
+    ),
+    "accelerate.Accelerator.pad_across_processes": (
+        "accelerate:Accelerator.pad_across_processes",
+        ["self", "tensor", "dim", "pad_index", "pad_first"],
+    ),
+    "accelerate.Accelerator.gather_for_metrics": (
+        "accelerate:Accelerator.gather_for_metrics",
+        ["self", "input_data", "use_gather_object"],
+    ),
+    "accelerate.data_loader.BatchSamplerShard.num_processes": (
+        "accelerate.data_loader:BatchSamplerShard.__init__",
+        ["self", "batch_sampler", "num_processes", "process_index"],
+    ),
     "trl.trainer.sft_trainer.add_fused_lm_head": ("trl.trainer.sft_trainer:add_fused_lm_head", ["model"]),
     "trl.trainer.dpo_trainer.add_fused_lm_head": ("trl.trainer.dpo_trainer:add_fused_lm_head", ["model"]),
     "deepspeed.utils.set_z3_leaf_module": ("deepspeed.utils:set_z3_leaf_module", ["model", "flag"]),
@@ -96,11 +106,16 @@ def test_every_kind_of_record_is_covered():
     covered = set(SIGNATURES) | set(FIELDS)
     # replacements of instance attributes that have no signature: checked by test_model_targets_exist and
     # by the enable/disable round trip below
-    instance_only = {"transformers.Trainer.data_collator", "transformers.Trainer.gather_function",
-                     "transformers.PreTrainedModel.loss_function", "transformers.PreTrainedModel.forward",
-                     "transformers.PreTrainedModel.base_model.forward",
-                     "transformers.GradientCheckpointingLayer._gradient_checkpointing_func",
-                     "transformers.decoder_layer.mlp.forward", "trl.fused_lm_head.forward"}
+    instance_only = {
+        "transformers.Trainer.data_collator",
+        "transformers.Trainer.gather_function",
+        "transformers.PreTrainedModel.loss_function",
+        "transformers.PreTrainedModel.forward",
+        "transformers.PreTrainedModel.base_model.forward",
+        "transformers.GradientCheckpointingLayer._gradient_checkpointing_func",
+        "transformers.decoder_layer.mlp.forward",
+        "trl.fused_lm_head.forward",
+    }
     assert replaced - covered == instance_only
 
 
@@ -116,7 +131,8 @@ def test_docs_list_exactly_the_registry():
         doc = f.read()
     assert patches.table() in doc, (
         "docs/compatibility.md is out of date with ulysses_attn.patches.PATCHES; paste the output of "
-        "`python -c 'from ulysses_attn import patches; print(patches.table())'`")
+        "`python -c 'from ulysses_attn import patches; print(patches.table())'`"
+    )
 
 
 def test_outside_the_window_warns_naming_the_patch(monkeypatch, caplog):
@@ -201,9 +217,18 @@ def _tiny_trainer(tmp, model):
 
     gen = torch.Generator().manual_seed(0)
     data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, VOCAB, (4, 12), generator=gen).tolist()]
-    args = TrainingArguments(output_dir=tmp, max_steps=2, per_device_train_batch_size=1, learning_rate=1e-2,
-                             report_to=[], save_strategy="no", logging_steps=1, use_cpu=True, seed=0,
-                             average_tokens_across_devices=False)
+    args = TrainingArguments(
+        output_dir=tmp,
+        max_steps=2,
+        per_device_train_batch_size=1,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        use_cpu=True,
+        seed=0,
+        average_tokens_across_devices=False,
+    )
     return Trainer(model=model, args=args, train_dataset=data)
 
 
@@ -220,8 +245,12 @@ def _snapshot(trainer):
         "backbone_forward": "forward" in vars(trainer.model.model),
         "mlp_own": ["forward" in vars(layer.mlp) for layer in trainer.model.model.layers],
         "loss_function": trainer.model.loss_function,
-        "our_hooks": [h for m in trainer.model.modules() for h in (*m._forward_hooks.values(),
-                      *m._forward_pre_hooks.values()) if getattr(h, "__module__", "").startswith("ulysses_attn")],
+        "our_hooks": [
+            h
+            for m in trainer.model.modules()
+            for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
+            if getattr(h, "__module__", "").startswith("ulysses_attn")
+        ],
     }
 
 

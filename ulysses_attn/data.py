@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from torch.utils.data import DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler
 
 from .groups import SequenceParallel, get_sequence_parallel
 from .labels import IGNORE_INDEX, shift_labels
@@ -43,7 +43,7 @@ class UlyssesSampler(DistributedSampler):
 
     def __init__(
         self,
-        dataset,
+        dataset: Dataset,
         shuffle: bool = True,
         seed: int = 0,
         drop_last: bool = False,

@@ -71,7 +71,7 @@ def _p(*args: str, **kwargs: str) -> Patch:
 
 
 _HF = ">=5.0,<6"
-_ACC = ">=1.0,<2"
+_ACC = ">=1.10,<2"
 _TRL = ">=1.16,<2"
 PATCHES: dict[str, Patch] = {
     p.target: p
@@ -242,7 +242,7 @@ PATCHES: dict[str, Patch] = {
         _p(
             "deepspeed.config.sequence_parallel_size",
             "deepspeed",
-            ">=0.15,<1",
+            ">=0.16,<1",
             "DeepSpeed would divide its data-parallel world by the key; the Trainer's world is the whole world",
             "dropping the key from the config",
             "tests/test_deepspeed.py::test_zero2_sp_size_from_config_equals_plain",
@@ -251,7 +251,7 @@ PATCHES: dict[str, Patch] = {
         _p(
             "deepspeed.utils.set_z3_leaf_module",
             "deepspeed",
-            ">=0.15,<1",
+            ">=0.16,<1",
             "a tiled MLP is gathered once per call under ZeRO-3, not once per chunk",
             "public API (unset by disable())",
             "tests/test_deepspeed.py::test_zero3_long_sequence_sp2_times_dp2_equals_ddp2",
