@@ -15,7 +15,6 @@ import functools
 import pytest
 import torch
 import torch.distributed as dist
-
 from distributed import run_distributed
 from tiny_models import VOCAB, build
 

@@ -12,10 +12,10 @@ import re
 
 import pytest
 import torch
-
-import ulysses_attn
 from distributed import run_distributed
 from tiny_models import VOCAB, build
+
+import ulysses_attn
 from ulysses_attn import patches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
