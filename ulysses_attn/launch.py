@@ -91,8 +91,8 @@ def _shutdown() -> None:
 def _exit_without_teardown() -> None:
     """End a worker whose script finished: run the exit handlers (logging, trackers), flush, and
     leave without the interpreter's teardown, in which C++ threads left by gloo or DeepSpeed can
-    still abort a successful run ("terminate called without an active exception", exit -6: seen in
-    one of five CI runs on 2026-11-29, with the process groups already destroyed)."""
+    still abort a successful run ("terminate called without an active exception", exit -6, with the
+    process groups already destroyed: docs/benchmarks.md, "Measurements the code refers to")."""
     import atexit
 
     atexit._run_exitfuncs()

@@ -110,9 +110,10 @@ def _gather_whole_under_zero3(mlps: list[torch.nn.Module]) -> None:
     MLP call instead of once per chunk and Linear. Otherwise every chunk's Linear calls enter
     ZeRO-3's module trace, and in the second step DeepSpeed computes, for each trace position, which
     parameters to release by walking the trace ahead (``PartitionedParameterCoordinator.
-    __params_to_release``, cached per position): on the 1B shape at 64K tokens that one-off walk
-    made the second step about 2x slower. Must run before ``deepspeed.initialize`` registers its
-    hooks; done when transformers says ZeRO-3 is on or DeepSpeed is already imported."""
+    __params_to_release``, cached per position), a one-off walk that made the second step much
+    slower (docs/benchmarks.md, "Measurements the code refers to"). Must run before
+    ``deepspeed.initialize`` registers its hooks; done when transformers says ZeRO-3 is on or
+    DeepSpeed is already imported."""
     if "deepspeed" not in sys.modules:
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
