@@ -81,38 +81,31 @@ def supported() -> bool:
     return _internals() is not None
 
 
-@torch.library.custom_op("ulysses_attn::flash_attn4", mutates_args=())
-def flash_attn4(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens: Optional[torch.Tensor],
-    max_seqlen: Optional[int],
-    scale: float,
-    causal: bool,
-    window_left: Optional[int],
-    window_right: Optional[int],
-    softcap: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """FA4 attention: ``q [B, S, H, D]`` (or ``[tokens, H, D]`` with ``cu_seqlens``) -> ``(out, lse)``.
-    ``window_left/right`` as FA4 counts them (``None``: unbounded)."""
-    fwd, _ = _internals()
-    out, lse = fwd(
-        q,
-        k,
-        v,
+def _shared_keywords(cu_seqlens, max_seqlen, window_left, window_right) -> dict:
+    """The keywords FA4's internal forward and backward both take, for one self-attention call."""
+    return dict(
         cu_seqlens_q=cu_seqlens,
         cu_seqlens_k=cu_seqlens,
         max_seqlen_q=max_seqlen,
         max_seqlen_k=max_seqlen,
-        softmax_scale=scale,
-        causal=causal,
-        softcap=softcap,
         window_size_left=window_left,
         window_size_right=window_right,
-        return_lse=True,
-    )[:2]
+    )
+
+
+# one line per group of parameters: torch.library.custom_op reads the annotations
+# fmt: off
+@torch.library.custom_op("ulysses_attn::flash_attn4", mutates_args=())
+def flash_attn4(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: Optional[torch.Tensor],
+                max_seqlen: Optional[int], scale: float, causal: bool, window_left: Optional[int],
+                window_right: Optional[int], softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """FA4 attention: ``q [B, S, H, D]`` (or ``[tokens, H, D]`` with ``cu_seqlens``) -> ``(out, lse)``.
+    ``window_left/right`` as FA4 counts them (``None``: unbounded)."""
+    fwd, _ = _internals()
+    shared = _shared_keywords(cu_seqlens, max_seqlen, window_left, window_right)
+    out, lse = fwd(q, k, v, softmax_scale=scale, causal=causal, softcap=softcap, return_lse=True, **shared)[:2]
     return out, lse
+# fmt: on
 
 
 @flash_attn4.register_fake
@@ -122,41 +115,19 @@ def _(q, k, v, cu_seqlens, max_seqlen, scale, causal, window_left, window_right,
     return out, q.new_empty(lse_shape, dtype=torch.float32)
 
 
+# one line per group of parameters: torch.library.custom_op reads the annotations
+# fmt: off
 @torch.library.custom_op("ulysses_attn::flash_attn4_backward", mutates_args=())
-def flash_attn4_backward(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    cu_seqlens: Optional[torch.Tensor],
-    max_seqlen: Optional[int],
-    scale: float,
-    causal: bool,
-    window_left: Optional[int],
-    window_right: Optional[int],
-    softcap: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def flash_attn4_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         out: torch.Tensor, lse: torch.Tensor, cu_seqlens: Optional[torch.Tensor],
+                         max_seqlen: Optional[int], scale: float, causal: bool, window_left: Optional[int],
+                         window_right: Optional[int], softcap: float
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _, bwd = _internals()
-    dq, dk, dv = bwd(
-        q,
-        k,
-        v,
-        out,
-        dout,
-        lse,
-        scale,
-        causal,
-        softcap,
-        window_size_left=window_left,
-        window_size_right=window_right,
-        cu_seqlens_q=cu_seqlens,
-        cu_seqlens_k=cu_seqlens,
-        max_seqlen_q=max_seqlen,
-        max_seqlen_k=max_seqlen,
-    )[:3]
+    shared = _shared_keywords(cu_seqlens, max_seqlen, window_left, window_right)
+    dq, dk, dv = bwd(q, k, v, out, dout, lse, scale, causal, softcap, **shared)[:3]
     return dq, dk, dv
+# fmt: on
 
 
 @flash_attn4_backward.register_fake
