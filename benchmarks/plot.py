@@ -44,7 +44,8 @@ FIGURES = {
         title="Llama-3.2-1B shape, one GPU, long-sequence memory features",
         files=["2026-11-29_h200_1b_p1_long_sequence_split_64k-128k.json",
                "2026-11-29_h200_1b_p1_long_sequence_split_256k.json",
-               "2026-11-29_h200_1b_p1_fa4_long_sequence_128k.json", "2026-11-29_h200_1b_p1_fa4_long_sequence_256k.json"],
+               "2026-11-29_h200_1b_p1_fa4_long_sequence_128k.json",
+               "2026-11-29_h200_1b_p1_fa4_long_sequence_256k.json"],
         modes=LONG_SEQUENCE_MODES,
     ),
     "long_sequence_1b_fa4": dict(

@@ -4,11 +4,13 @@ docs list exactly the registry, and enable -> disable restores every original ob
 from __future__ import annotations
 
 import dataclasses
+import gc
 import importlib
 import inspect
 import logging
 import os
 import re
+import weakref
 
 import pytest
 import torch
@@ -192,6 +194,23 @@ def test_replace_and_restore_keep_identity():
     assert patches.undo_all() == 2
     assert "method" not in vars(owner) and owner.method() == "class"  # inherited again, not a copy
     assert holder.field is own
+
+
+def test_a_patched_model_is_not_kept_alive():
+    """The registry holds instances weakly: a model that ``configure_memory`` changed (forward,
+    backbone forward, tiled MLPs, hooks -- each a closure over the model) is freed once the user
+    drops it, and its entries go with it (a leak here kept whole ZeRO-3 engines alive)."""
+    model = build("llama", "ulysses_flash")
+    ulysses_attn.configure_memory(model, ulysses_attn.MemoryOptions.long_sequence())
+    assert len(patches.applied()) >= 3 and patches.is_replaced(model, "forward")
+    gone = weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None
+    assert patches.applied("enable") == []
+    before = len(patches.applied("import"))
+    patches.replace("transformers.Trainer.gather_function", type("Holder", (), {"field": 0})(), "field", 1)
+    assert len(ulysses_attn.state.STATE.applied) == before + 1  # the dead model's entries were dropped
 
 
 def test_destroy_frees_groups_so_a_hundred_cycles_work():

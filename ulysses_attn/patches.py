@@ -21,9 +21,10 @@ replacement expects.
 from __future__ import annotations
 
 import importlib.metadata
+import itertools
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from packaging.specifiers import SpecifierSet
@@ -280,18 +281,59 @@ PATCHES: dict[str, Patch] = {
 }
 
 
-@dataclass
 class Applied:
     """One change in force: ``owner.attr`` was ``original`` (``inherited``: not in ``owner``'s own
-    ``__dict__``) and is ``new``; or, for a tracked change, ``undo`` reverses it."""
+    ``__dict__``) and is ``new``; or, for a tracked change, ``undo`` reverses it.
 
-    patch: Patch
-    owner: Any  # the object, or a weakref.ref to it for instances
-    attr: str | None = None
-    original: Any = None
-    new: Any = None
-    inherited: bool = False
-    undo: Callable[[], None] | None = field(default=None, repr=False)
+    A change of an instance (a model, an accelerator) must not keep it alive: the entry holds the
+    instance through a weak reference and parks ``original`` / ``new`` / ``undo`` -- bound methods
+    and closures over the instance -- in the instance's own ``__dict__``, so they go when it goes."""
+
+    _keys = itertools.count()
+
+    def __init__(
+        self,
+        patch: Patch,
+        owner: Any,
+        attr: str | None = None,
+        original: Any = None,
+        new: Any = None,
+        inherited: bool = False,
+        undo: Callable[[], None] | None = None,
+    ) -> None:
+        self.patch, self.attr, self.inherited = patch, attr, inherited
+        payload = {"original": original, "new": new, "undo": undo}
+        self._key = next(self._keys)
+        self._payload: dict[str, Any] | None = payload
+        self.owner: Any = owner
+        if not isinstance(owner, type) and type(owner).__name__ != "module":
+            try:
+                self.owner = weakref.ref(owner)
+                vars(owner).setdefault(_PARKED, {})[self._key] = payload
+                self._payload = None
+            except TypeError:  # no weak references or no __dict__: hold it strongly
+                self.owner = owner
+
+    def __repr__(self) -> str:
+        return f"Applied({self.patch.target!r}, attr={self.attr!r}, in_force={self.in_force()})"
+
+    def _data(self) -> dict[str, Any]:
+        if self._payload is not None:
+            return self._payload
+        owner = self.target()
+        return {} if owner is None else vars(owner).get(_PARKED, {}).get(self._key, {})
+
+    @property
+    def original(self) -> Any:
+        return self._data().get("original")
+
+    @property
+    def new(self) -> Any:
+        return self._data().get("new")
+
+    @property
+    def undo(self) -> Callable[[], None] | None:
+        return self._data().get("undo")
 
     def target(self) -> Any:
         return self.owner() if isinstance(self.owner, weakref.ref) else self.owner
@@ -312,6 +354,29 @@ class Applied:
             delattr(owner, str(self.attr))
         else:  # a property (e.g. PreTrainedModel.loss_function) or an own attribute
             setattr(owner, str(self.attr), self.original)
+
+    def forget(self) -> None:
+        """Drop the entry's hold on what it parked in the instance (after a revert, or when the
+        change was overwritten by something else)."""
+        owner = self.target()
+        if self._payload is None and owner is not None:
+            parked = vars(owner).get(_PARKED, {})
+            parked.pop(self._key, None)
+            if not parked:
+                vars(owner).pop(_PARKED, None)
+
+
+_PARKED = "_ulysses_attn_parked_originals"
+
+
+def _remove(entry: Applied) -> None:
+    STATE.applied.remove(entry)
+    entry.forget()
+
+
+def _record(entry: Applied) -> None:
+    STATE.applied[:] = [e for e in STATE.applied if e.target() is not None]  # the gone instances' entries
+    STATE.applied.append(entry)
 
 
 def installed_version(library: str) -> Version | None:
@@ -340,15 +405,6 @@ def check_window(name: str) -> Patch:
     return patch
 
 
-def _holder(owner: Any) -> Any:
-    if isinstance(owner, type) or type(owner).__name__ == "module":
-        return owner
-    try:
-        return weakref.ref(owner)
-    except TypeError:
-        return owner
-
-
 def _matches(entry: Applied, owner: Any, attr: str) -> bool:
     return entry.attr == attr and entry.target() is owner
 
@@ -357,17 +413,18 @@ def replace(name: str, owner: Any, attr: str, new: Any) -> Any:
     """Set ``owner.attr = new`` as a change of record ``name``; returns what it was. Entries of the
     same attribute that something else has since replaced are forgotten (their original is gone)."""
     patch = check_window(name)
-    STATE.applied[:] = [e for e in STATE.applied if not _matches(e, owner, attr) or e.in_force()]
+    for stale in [e for e in STATE.applied if _matches(e, owner, attr) and not e.in_force()]:
+        _remove(stale)
     old = getattr(owner, attr)
     inherited = attr not in getattr(owner, "__dict__", {})
-    STATE.applied.append(Applied(patch, _holder(owner), attr, old, new, inherited))
+    _record(Applied(patch, owner, attr, old, new, inherited))
     setattr(owner, attr, new)
     return old
 
 
 def track(name: str, owner: Any, undo: Callable[[], None]) -> None:
     """Log a change of record ``name`` made through public API (a hook, a flag) and how to undo it."""
-    STATE.applied.append(Applied(check_window(name), _holder(owner), undo=undo))
+    _record(Applied(check_window(name), owner, undo=undo))
 
 
 def original(owner: Any, attr: str) -> Any:
@@ -393,7 +450,7 @@ def restore(owner: Any, attr: str) -> bool:
     found = any(e.in_force() for e in entries)
     for entry in reversed(entries):
         entry.revert()
-        STATE.applied.remove(entry)
+        _remove(entry)
     return found
 
 
@@ -412,7 +469,7 @@ def undo_all(*, keep_import: bool = True) -> int:
         if entry.in_force():
             entry.revert()
             undone += 1
-        STATE.applied.remove(entry)
+        _remove(entry)
     return undone
 
 
