@@ -11,8 +11,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def baselines(tmp_path_factory):
     """Runs of examples/sft_trainer.py without sequence parallelism, cached by name for the session."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
-    from demo import run_example
+    from example_runs import run_example
 
     cache = {}
 
@@ -25,12 +24,12 @@ def baselines(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _clean_sequence_parallel_state():
-    """Every test starts and ends without an SP group or a forced kernel."""
+def _isolated_ulysses_state():
+    """Every test starts and ends as ``import ulysses_attn`` left the process: ``disable()`` undoes
+    every patch made since (Trainer, accelerate, TRL, models), destroys the SP groups and resets the
+    runtime state (forced kernel, layout cache, warnings said, kernels used)."""
     import ulysses_attn
 
-    ulysses_attn.destroy_sequence_parallel()
-    ulysses_attn.set_kernel(None)
+    ulysses_attn.disable()
     yield
-    ulysses_attn.destroy_sequence_parallel()
-    ulysses_attn.set_kernel(None)
+    ulysses_attn.disable()

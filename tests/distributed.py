@@ -33,7 +33,7 @@ def _worker(rank, world, port, out_dir, fn, args):
     finally:
         import ulysses_attn
 
-        ulysses_attn.destroy_sequence_parallel()
+        ulysses_attn.disable()  # patches undone, SP groups destroyed, state reset
         dist.destroy_process_group()
 
 

@@ -8,18 +8,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 
 import pytest
 
 pytest.importorskip("deepspeed")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "examples"))
-from demo import compare, run_example  # noqa: E402
+from example_runs import EXAMPLES, compare, run_example  # noqa: E402
 
-Z2 = os.path.join(ROOT, "examples", "ds_z2_ulysses.json")
-Z3 = os.path.join(ROOT, "examples", "ds_z3_ulysses.json")
+Z2 = os.path.join(EXAMPLES, "ds_z2_ulysses.json")
+Z3 = os.path.join(EXAMPLES, "ds_z3_ulysses.json")
 # fp32 on CPU. Losses and grad norms agree to float32 round-off (~1e-7); weights after AdamW
 # steps to 5e-5 (Adam amplifies round-off for parameters with near-zero gradients).
 RTOL, RTOL_WEIGHTS = 1e-5, 5e-5

@@ -13,9 +13,9 @@ import torch
 import ulysses_attn
 from distributed import run_distributed
 from tiny_models import VOCAB, build
-from ulysses_attn import kernels
-from ulysses_attn.attention import check_heads, ulysses_flash_attention
+from ulysses_attn.attention import check_heads, kv_replication, padded_heads, ulysses_flash_attention
 from ulysses_attn.loss import causal_lm_loss
+from ulysses_attn.state import STATE
 
 
 def _catch(fn):
@@ -96,7 +96,11 @@ def test_unknown_forced_kernel():
         ulysses_attn.set_kernel("nope")
     for name in ("flash_attn", "sdpa", "torch_varlen", "reference"):
         assert name in str(info.value)
-    assert kernels._forced is None  # a rejected name does not stick
+    assert STATE.forced_kernel is None  # a rejected name does not stick
+    ulysses_attn.set_kernel("sdpa")
+    with pytest.raises(ValueError, match="nope"):
+        ulysses_attn.set_kernel("nope")
+    assert STATE.forced_kernel == "sdpa"  # nor does it replace the kernel forced before
 
 
 def test_unknown_kernel_from_environment(monkeypatch):
@@ -152,10 +156,14 @@ def test_attention_function_rejects_unsupported_inputs():
 
 
 def test_check_heads_messages():
-    with pytest.raises(ValueError, match="multiple of num_key_value_heads"):
+    with pytest.raises(ValueError, match=r"num_heads \(8\) must be a multiple of num_key_value_heads \(3\)"):
         check_heads(8, 3)
-    check_heads(8, 2)  # valid: no exception
-    check_heads(12, 4)  # 12 heads over 8 ranks: padded (tests/test_model_parity.py), not an error
+    assert check_heads(8, 2) is None  # valid: no exception
+    # 12 heads over 8 ranks is not an error: check_heads accepts the pair (it returns, it does not
+    # raise) and the SP path pads each KV head's group of 3 query heads to 4 (16 heads), whose 4 KV
+    # heads are replicated twice so that they too split over the 8 ranks (tests/test_model_parity.py)
+    assert check_heads(12, 4) is None
+    assert padded_heads(12, 4, 8) == (16, True) and kv_replication(16, 4, 8) == 2
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""FlashAttention-4 as a registered op (``ulysses_attn.flash4``), on CPU.
+"""FlashAttention-4 as a registered op (``ulysses_attn.kernels.flash4``), on CPU.
 
 FA4 needs a Hopper GPU, so these tests put a stand-in for its internal ``_flash_attn_fwd`` /
 ``_flash_attn_bwd`` (the exact reference kernel, float64) behind the op. They check the op's
@@ -8,6 +8,7 @@ and keeps it -- not FA4 itself; the real kernel is checked on the GPU (tests/gpu
 
 from __future__ import annotations
 
+import importlib
 import logging
 import types
 
@@ -15,9 +16,15 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ulysses_attn import flash4, kernels
 from ulysses_attn import selective_checkpoint as sc
-from ulysses_attn.kernels import Layout, layout_from_positions
+from ulysses_attn.kernels import flash4
+from ulysses_attn.kernels.flash_attn import flash_attn
+from ulysses_attn.kernels.reference import reference as reference_kernel
+from ulysses_attn.layout import Layout, layout_from_positions
+from ulysses_attn.state import STATE
+
+# the module, not the flash_attn function that ulysses_attn.kernels exports under the same name
+FLASH_ATTN = importlib.import_module("ulysses_attn.kernels.flash_attn")
 
 
 def _layout(cu_seqlens, tokens):
@@ -35,7 +42,7 @@ def _stand_in(calls):
         dense = cu_seqlens_q is None
         if not dense:
             q, k, v = (t[None] for t in (q, k, v))
-        out = kernels._reference(q, k, v, _layout(cu_seqlens_q, q.shape[1]), causal=causal, scale=scale,
+        out = reference_kernel(q, k, v, _layout(cu_seqlens_q, q.shape[1]), causal=causal, scale=scale,
                                  dropout=0.0, window=None if window_left is None else window_left + 1,
                                  softcap=softcap)
         return (out if dense else out[0]).contiguous()  # FA4 allocates a contiguous output
@@ -65,7 +72,7 @@ def fa4(monkeypatch):
     """The ``flash_attn`` kernel on CPU as FA4 with the stand-in; yields the list of kernel calls."""
     calls: list[str] = []
     monkeypatch.setattr(flash4, "_load_interface", lambda: _stand_in(calls))
-    monkeypatch.setattr(kernels, "_flash_module_on", lambda device: types.SimpleNamespace(__name__="flash_attn.cute"))
+    monkeypatch.setattr(FLASH_ATTN, "_module_on", lambda device: types.SimpleNamespace(__name__="flash_attn.cute"))
     flash4._internals.cache_clear()
     yield calls
     flash4._internals.cache_clear()
@@ -91,10 +98,10 @@ def test_flash_attn4_op_equals_the_reference_kernel(fa4, layout, window, softcap
     layout = LAYOUTS[layout]()
     opts = dict(causal=True, scale=0.3, dropout=0.0, window=window, softcap=softcap)
     q, k, v = _inputs()
-    out = kernels._flash_attn(q, k, v, layout, **opts)
+    out = flash_attn(q, k, v, layout, **opts)
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)
-    ref = kernels._reference(q, k, v, layout, **opts)
+    ref = reference_kernel(q, k, v, layout, **opts)
     if layout.indices is not None:  # ignored (left-pad) rows: the varlen output is zero there
         ref = ref * (layout.segment_ids >= 0)[..., None, None]
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
@@ -109,7 +116,7 @@ def test_selective_checkpointing_keeps_the_flash_attn4_output(fa4):
     opts = dict(causal=True, scale=0.3, dropout=0.0, window=None, softcap=None)
 
     def layer(q, k, v):
-        return (kernels._flash_attn(q.sin(), k, v, Layout(), **opts) * q).sum()
+        return (flash_attn(q.sin(), k, v, Layout(), **opts) * q).sum()
 
     q, k, v = _inputs()
     checkpoint(layer, q, k, v, use_reentrant=False).backward()
@@ -134,17 +141,17 @@ def test_an_fa4_with_other_internals_goes_through_its_public_function(monkeypatc
     public = []
     fa = types.SimpleNamespace(__name__="flash_attn.cute",
                                flash_attn_func=lambda q, k, v, **kw: public.append(kw) or (q, None))
-    monkeypatch.setattr(kernels, "_flash_module_on", lambda device: fa)
+    monkeypatch.setattr(FLASH_ATTN, "_module_on", lambda device: fa)
     try:
         with caplog.at_level(logging.WARNING, logger="ulysses_attn"):
             assert not flash4.supported()
         assert "internal forward/backward differ" in caplog.text
         q, k, v = _inputs()
-        kernels._flash_attn(q, k, v, Layout(), causal=True, scale=0.3, dropout=0.0, window=4, softcap=None)
+        flash_attn(q, k, v, Layout(), causal=True, scale=0.3, dropout=0.0, window=4, softcap=None)
         assert public == [{"softmax_scale": 0.3, "causal": True, "window_size": (3, 0)}] and calls == []
         # under selective checkpointing this FA4 cannot be kept: recomputed, and a warning says so
-        monkeypatch.setattr(kernels, "_warned", set())
-        attend = lambda q: kernels._flash_attn(q, k, v, Layout(), causal=True, scale=0.3, dropout=0.0, window=None,
+        monkeypatch.setattr(STATE, "said", set())  # warn_once: say it again
+        attend = lambda q: flash_attn(q, k, v, Layout(), causal=True, scale=0.3, dropout=0.0, window=None,
                                                 softcap=None).sum()
         with caplog.at_level(logging.WARNING, logger="ulysses_attn"):
             checkpoint(attend, q, use_reentrant=False, context_fn=sc._context).backward()

@@ -5,20 +5,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
-import sys
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from example_runs import compare, run_example
 from tiny_models import REFERENCE_ATTN, VOCAB, build
 from ulysses_attn import MemoryOptions, chunked_causal_lm_loss, configure_memory, tile_mlp
 from ulysses_attn.selective_checkpoint import keeps_attention_outputs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "examples"))
-from demo import compare, run_example  # noqa: E402
 
 CHUNK = 7
 HIDDEN = 32  # tiny_models.COMMON

@@ -9,11 +9,8 @@ import os
 import subprocess
 import sys
 
+from example_runs import ROOT, SCRIPT, compare, run_example
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "examples", "sft_trainer.py")
-sys.path.insert(0, os.path.join(ROOT, "examples"))
-from demo import compare, run_example  # noqa: E402
 MAX_LENGTH = 256
 RTOL = 1e-5
 # Weights after a few AdamW steps: Adam divides by sqrt(v), so for parameters whose gradient is

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 import torch
@@ -15,9 +14,7 @@ datasets = pytest.importorskip("datasets")
 import ulysses_attn  # noqa: E402
 from distributed import run_distributed  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "examples"))
-from sft_trainer import char_tokenizer, tiny_model  # noqa: E402
+from example_runs import char_tokenizer, tiny_model  # noqa: E402
 
 RTOL = 1e-5
 # Rewards and margins are differences of log-prob sums (|sum| ~ 10-100): fp32 round-off of the sums

@@ -174,7 +174,7 @@ def check_kernels(args) -> None:
         ref_err = max(rel_err(a, b) for a, b in zip(bf16_ref, gold))
         for name in names:
             k = kernels.KERNELS[name]
-            if not kernels._supports(k, window, None, 0.0):
+            if not kernels._supports(k, window, None, 0.0, dev):
                 log(f"[skip] kernels/{name}/{case}: not supported by the kernel")
                 continue
             for dtype in (torch.bfloat16, torch.float32):
@@ -419,18 +419,18 @@ def check_models(args) -> None:
                 for kname in todo:
                     if kname is not None:
                         k = kernels.KERNELS[kname]
-                        if not kernels._supports(k, window, None, 0.0):
+                        if not kernels._supports(k, window, None, 0.0, dev):
                             continue
                         if dtype == torch.float32 and kname in ("flash_attn", "torch_varlen"):
                             continue
                     label = f"{name}/{kind}/{dname}/P{P}/{kname or 'auto'}"
                     kernels.set_kernel(kname)
-                    kernels._logged.clear()
+                    kernels.reset_used_kernels()
                     with _case("models", label):
                         model = build(name, "ulysses_flash", dtype)
                         model.loss_function = ulysses_attn.causal_lm_loss
                         m = _compare(*ref, *_sp_run(model, batch))
-                        used = sorted({n for n, _ in kernels._logged})
+                        used = sorted(kernels.used_kernels())
                         del model
                         record("models", label, _within_tolerance(m, dtype), kernels_used=used, **m)
 
@@ -446,7 +446,7 @@ def check_memory(args) -> None:
             dname = str(dtype).split(".")[-1]
             label = f"{name}/{dname}/P{P}/long_sequence" + "+selective" * selective + "+offload" * offload_kept
             kernels.set_kernel("sdpa" if dtype == torch.float32 else None)
-            kernels._logged.clear()
+            kernels.reset_used_kernels()
             with _case("memory", label):
                 ref_loss, ref_logits, ref_grads = _reference(name, batch, dtype)
                 model = build(name, "ulysses_flash", dtype)
@@ -466,7 +466,7 @@ def check_memory(args) -> None:
                 m["offloaded_mib"] = model._ulysses_offloader.offloaded_bytes / 2**20
                 m["logits_returned"] = out.logits is not None
                 m["attention_replayed"] = replayed  # selective: each layer's recompute skipped its kernel
-                m["kernels_used"] = sorted({n for n, _ in kernels._logged})
+                m["kernels_used"] = sorted(kernels.used_kernels())
                 layers = model.config.num_hidden_layers
                 del model, out
                 # fp32 runs SDPA's math backend (exact_fp32), which decomposes into matmuls: nothing to keep
