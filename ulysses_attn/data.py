@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -140,6 +141,16 @@ class UlyssesCollator:
 
     def __call__(self, features: list) -> dict[str, Any]:
         return shard_batch(self.base_collator(features), self.sp, self.pad_token_id)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers started by spawn/forkserver get a pickled copy. They shard, never
+        # communicate, so the copy carries sizes and ranks without the (unpicklable) process groups;
+        # sp=None is resolved now, since a fresh worker process has no process-wide handle and would
+        # otherwise hand every rank the whole sequence.
+        state = dict(self.__dict__)
+        sp = _sp(self.sp)
+        state["sp"] = None if sp is None else dataclasses.replace(sp, group=None, dp_group=None)
+        return state
 
     def __getattr__(self, name):  # behave like the wrapped collator (tokenizer, padding, ...)
         if name == "base_collator":
