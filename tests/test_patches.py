@@ -18,7 +18,7 @@ from distributed import run_distributed
 from tiny_models import VOCAB, build
 
 import ulysses_attn
-from ulysses_attn import patches
+from ulysses_attn import guards, patches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,6 +29,11 @@ SIGNATURES = {
         "transformers.modeling_utils:lazy_import_flash_attention",
         ["implementation"],
     ),
+    "transformers.PreTrainedModel._check_and_adjust_attn_implementation": (
+        "transformers:PreTrainedModel._check_and_adjust_attn_implementation",
+        ["self", "attn_implementation"],
+    ),
+    "transformers.PreTrainedModel.post_init": ("transformers:PreTrainedModel.post_init", ["self"]),
     "transformers.Trainer.__init__": (
         "transformers:Trainer.__init__",
         ["self", "model", "args", "data_collator", "train_dataset", "eval_dataset", "processing_class"],
@@ -117,6 +122,7 @@ def test_every_kind_of_record_is_covered():
         "transformers.GradientCheckpointingLayer._gradient_checkpointing_func",
         "transformers.decoder_layer.mlp.forward",
         "trl.fused_lm_head.forward",
+        "transformers.RotaryEmbedding.forward",
     }
     assert replaced - covered == instance_only
 
@@ -260,7 +266,7 @@ def _snapshot(trainer):
         "acc_own": {k for k in ("prepare_data_loader", "pad_across_processes", "gather_for_metrics") if k in vars(acc)},
         "average_tokens": trainer.args.average_tokens_across_devices,
         "checkpointing": trainer.args.activation_checkpointing,
-        "model_own": {k for k in vars(trainer.model) if k == "forward" or k.startswith("_ulysses")},
+        "model_own": {k for k in vars(trainer.model) if k == "forward" or k.startswith("_ulysses")} - IMPORT_SCOPE,
         "backbone_forward": "forward" in vars(trainer.model.model),
         "mlp_own": ["forward" in vars(layer.mlp) for layer in trainer.model.model.layers],
         "loss_function": trainer.model.loss_function,
@@ -268,9 +274,13 @@ def _snapshot(trainer):
             h
             for m in trainer.model.modules()
             for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
-            if getattr(h, "__module__", "").startswith("ulysses_attn")
+            if getattr(h, "__module__", "").startswith("ulysses_attn") and h is not guards._first_sp_forward
         ],
     }
+
+
+# left by import ulysses_attn on a ulysses_flash model (guards.watch; disable(unregister=True) undoes it)
+IMPORT_SCOPE = {"_ulysses_attn_watched", "_ulysses_attn_parked_originals"}
 
 
 def _enable_disable_enable(rank, world, tmp):

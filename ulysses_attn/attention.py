@@ -132,6 +132,7 @@ def ulysses_flash_attention(
 ) -> tuple[torch.Tensor, None]:
     """HF attention-interface function: q ``[B, H, S_local, D]``, k/v ``[B, Hkv, S_local, D]``
     -> ``([B, S_local, H, D], None)``."""
+    STATE.attention_calls += 1
     if s_aux is not None:
         raise NotImplementedError("ulysses_flash does not support attention sinks (s_aux) yet.")
     if attention_mask is not None and attention_mask.dim() != 2:
@@ -167,6 +168,12 @@ def ulysses_flash_attention(
             f"{key.shape[2]} != query length {seq_local}). Generate with one process / P = 1, or pass use_cache=False."
         )
     check_heads(heads, kv_heads)
+    if not causal:
+        raise NotImplementedError(
+            f"ulysses_flash with a sequence-parallel group supports causal (decoder) attention; "
+            f"{type(module).__name__} attends bidirectionally (is_causal=False). For a BERT-style model used as a "
+            "causal LM set config.is_decoder=True, or train without sequence parallelism (sp_size=1)."
+        )
     layout = cached_layout(
         tensors,
         meta,
@@ -198,7 +205,7 @@ def ulysses_flash_attention(
     out = gather_heads_scatter_seq(out.transpose(1, 2), sp.group)  # [B, H, S/P, D]
     if padded != heads:
         out = _unpad_heads(out, heads, kv_heads, grouped)
-    return out.transpose(1, 2), None
+    return out.transpose(1, 2).contiguous(), None  # as sdpa_attention_forward: models may .view() it
 
 
 def ulysses_flash_mask(

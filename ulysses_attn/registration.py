@@ -17,7 +17,7 @@ from packaging.specifiers import SpecifierSet
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from . import patches
+from . import guards, patches
 from .attention import ulysses_flash_attention, ulysses_flash_mask
 from .models import ATTN_IMPLEMENTATION
 
@@ -53,6 +53,45 @@ def _install_flash_shim() -> None:
     patches.replace(_SHIM, mu, "lazy_import_flash_attention", lazy_import_flash_attention)
 
 
+def _install_model_hooks() -> None:
+    """Keep ``"ulysses_flash"`` on models that would swap it for their own flash kernel, and watch
+    every model built with it (:func:`ulysses_attn.guards.watch`)."""
+    from transformers import PreTrainedModel
+
+    if not patches.is_replaced(PreTrainedModel, "_check_and_adjust_attn_implementation"):
+        check = PreTrainedModel._check_and_adjust_attn_implementation
+
+        @functools.wraps(check)
+        def _check_and_adjust_attn_implementation(self, attn_implementation, *args, **kwargs):
+            if attn_implementation != ATTN_IMPLEMENTATION or not getattr(
+                self, "_compatible_flash_implementations", None
+            ):
+                return check(self, attn_implementation, *args, **kwargs)
+            self._compatible_flash_implementations = None  # hides the class's list for this call
+            try:
+                return check(self, attn_implementation, *args, **kwargs)
+            finally:
+                del self._compatible_flash_implementations
+
+        patches.replace(
+            "transformers.PreTrainedModel._check_and_adjust_attn_implementation",
+            PreTrainedModel,
+            "_check_and_adjust_attn_implementation",
+            _check_and_adjust_attn_implementation,
+        )
+    if not patches.is_replaced(PreTrainedModel, "post_init"):
+        post_init = PreTrainedModel.post_init
+
+        @functools.wraps(post_init)
+        def watching_post_init(self, *args, **kwargs):
+            out = post_init(self, *args, **kwargs)
+            if getattr(getattr(self, "config", None), "_attn_implementation", None) == ATTN_IMPLEMENTATION:
+                guards.watch(self)
+            return out
+
+        patches.replace("transformers.PreTrainedModel.post_init", PreTrainedModel, "post_init", watching_post_init)
+
+
 def register() -> None:
     """Register ``"ulysses_flash"`` with transformers (idempotent; runs on ``import ulysses_attn``)."""
     window = patches.PATCHES[_SHIM].versions
@@ -62,6 +101,7 @@ def register() -> None:
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, ulysses_flash_mask)
     if _needs_flash_shim():
         _install_flash_shim()
+    _install_model_hooks()
 
 
 def unregister() -> None:

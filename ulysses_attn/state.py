@@ -9,6 +9,7 @@ what ``import ulysses_attn`` left.
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,9 @@ class Runtime:
     said: set = field(default_factory=set)  # keys of warnings / log lines already given
     used_kernels: set = field(default_factory=set)  # kernel labels attend() ran
     replayed_attention_outputs: int = 0  # attention kernel calls that selective checkpointing skipped
+    attention_calls: int = 0  # calls of the ulysses_flash function (guards: did a layer attend?)
+    checked_models: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # guards passed a SP forward
+    checking_models: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # guards watching a SP forward
 
 
 STATE = Runtime()
