@@ -5,44 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from distributed import run_distributed
+from tiny_models import REFERENCE_ATTN, build
+from zoo import KINDS, make_batch, rel_err
 
 import ulysses_attn
-from distributed import run_distributed
-from tiny_models import REFERENCE_ATTN, VOCAB, build
 from ulysses_attn import shard_batch
 from ulysses_attn.loss import causal_lm_loss
 
 RTOL = 1e-5
-
-
-def make_batch(kind: str, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    if kind == "plain":  # one sequence, length not a multiple of P
-        ids = torch.randint(1, VOCAB, (1, 30), generator=g)
-        return {"input_ids": ids, "labels": ids.clone()}
-    if kind == "padded":  # B=3, right padded, lengths 29/21/13
-        ids = torch.randint(1, VOCAB, (3, 29), generator=g)
-        mask = torch.zeros(3, 29, dtype=torch.long)
-        for i, n in enumerate((29, 21, 13)):
-            mask[i, :n] = 1
-        ids = ids * mask
-        labels = ids.masked_fill(mask == 0, -100)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    if kind == "packed":  # three documents in one row, position_ids restart
-        lens = (11, 7, 13)
-        ids = torch.randint(1, VOCAB, (1, sum(lens)), generator=g)
-        pos = torch.cat([torch.arange(n) for n in lens])[None]
-        labels = ids.clone()
-        labels[0, torch.tensor([0, 11, 18])] = -100  # first token of each document (DataCollatorWithFlattening)
-        return {"input_ids": ids, "position_ids": pos, "labels": labels}
-    raise ValueError(kind)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
-
-
-KINDS = ("plain", "padded", "packed")
 
 
 def _parity_worker(rank, world, model_name):

@@ -44,6 +44,7 @@ DECAY_PARAMETERS = ("A_log",)  # the per-head decay of SSM / delta-rule layers
 
 _ROPE = "transformers.RotaryEmbedding.forward"
 _WATCH = "transformers.PreTrainedModel.register_forward_pre_hook"
+_LAYER_WATCH = "torch.nn.Module.register_forward_hook"
 
 
 class TokenMixingOutsideAttention(NotImplementedError):
@@ -103,9 +104,12 @@ def refuse_positions_it_cannot_take(model: torch.nn.Module) -> None:
 
 
 def _length_dependent(rotary: torch.nn.Module) -> bool:
+    """The RoPE types whose frequencies transformers recomputes from ``max(position_ids)``
+    (``dynamic_rope_update``: any ``*dynamic*`` type and ``longrope``, which PhiMoE's own scaling
+    also follows); ``default``, ``linear``, ``llama3``, ``yarn`` are fixed at init."""
     rope_type = getattr(rotary, "rope_type", None)
     types = rope_type.values() if isinstance(rope_type, dict) else [rope_type]
-    return any(t not in (None, "default") for t in types)
+    return any(isinstance(t, str) and ("dynamic" in t or t == "longrope") for t in types)
 
 
 def _rotary_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -117,7 +121,7 @@ def _rotary_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def global_rope_lengths(model: torch.nn.Module, group: Any) -> int:
-    """Make every RoPE module of ``model`` whose type is not ``"default"`` compute its frequencies
+    """Make every RoPE module of ``model`` whose type follows the sequence length compute its frequencies
     from the maximum position over the SP ``group`` (what the model sees without SP), not its
     shard's: one more position, the group maximum, is appended to ``position_ids`` and its row cut
     from the output. Costs one scalar all-reduce per forward. Returns how many modules it changed."""
@@ -186,14 +190,20 @@ def _first_sp_forward(model: torch.nn.Module, args, kwargs) -> None:
     handles = _watch_layers(model)
 
     def done(m, args, kwargs, out):
-        for h in handles:
-            h.remove()
+        remove_watchers()
         for member in members:
             STATE.checking_models.discard(member)
             STATE.checked_models.add(member)
 
-    # until a forward completes, the layer watchers stay (a forward that raised is checked again)
+    # until a forward completes, the layer watchers stay (a forward that raised is checked again);
+    # disable() removes them too
     handles.append(model.register_forward_hook(done, with_kwargs=True))
+
+    def remove_watchers() -> None:
+        for h in handles:
+            h.remove()
+
+    patches.track(_LAYER_WATCH, model, remove_watchers)
     STATE.checking_models.update(members)
 
 

@@ -109,7 +109,7 @@ PATCHES: dict[str, Patch] = {
             "transformers.PreTrainedModel.register_forward_pre_hook",
             "transformers",
             _HF,
-            "the first-SP-forward check of guards.watch (and the layer watchers it adds for that forward)",
+            "the first-SP-forward check of guards.watch",
             "public API (removed by disable())",
             "tests/test_guards.py::test_token_mixing_outside_attention_is_refused",
             kind="tracked",
@@ -207,7 +207,8 @@ PATCHES: dict[str, Patch] = {
             "torch.nn.Module.register_forward_hook",
             "torch",
             ">=2.4",
-            "the tiled MLP agrees on its chunk count once per forward; offload marks the end of the decoder stack",
+            "the tiled MLP agrees on its chunk count once per forward; offload marks the end of the decoder stack; "
+            "guards watch the decoder layers during the first SP forward",
             "public API (hooks are removed by disable())",
             "tests/test_memory.py::test_long_sequence_options_equal_plain_forward_and_bound_logits",
             kind="tracked",

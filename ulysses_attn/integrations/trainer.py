@@ -31,7 +31,7 @@ import os
 
 import torch.distributed as dist
 
-from .. import patches, state
+from .. import guards, patches, state
 from ..data import UlyssesCollator
 from ..groups import SequenceParallel, destroy_sequence_parallel, get_sequence_parallel, init_sequence_parallel
 from ..kernels import set_kernel
@@ -220,6 +220,8 @@ def attach(trainer, sp: SequenceParallel | None = None) -> None:
     if sp is None:
         raise RuntimeError("attach() needs an SP group: call ulysses_attn.enable(sp_size) first.")
     reconcile_sequence_parallel_size(trainer, sp.size)
+    for m in heads:  # a model switched to ulysses_flash after it was built was not watched at post_init
+        guards.watch(m)
     # TRL's fused-head trainers keep whole batches and shard inside the forward (integrations/trl.py)
     sharded_inputs = trainer_loss_path(trainer) is not LossPath.TRL_FUSED_HEAD
     if sharded_inputs:
