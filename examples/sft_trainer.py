@@ -85,6 +85,18 @@ class LongestSequenceSeen(TrainerCallback):
         self.mlp_rows = max(self.mlp_rows, output[..., 0].numel())
 
 
+def token_weighted_loss(outputs, labels, num_items_in_batch=None):
+    """A compute_loss_func of the script's own: cross-entropy of the next token from outputs.logits,
+    summed and divided by the Trainer's token count (z-loss added, so it is not the model's loss)."""
+    logits = outputs.logits[:, :-1].float()
+    targets = labels[:, 1:].to(logits.device)
+    scored = targets != -100
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+    z_loss = 1e-2 * (torch.logsumexp(logits, dim=-1)[scored] ** 2).sum()
+    count = num_items_in_batch if num_items_in_batch is not None else scored.sum()
+    return (ce + z_loss) / count
+
+
 def selective_checkpointing(model) -> tuple[int, int]:
     """Decoder layers that keep their attention outputs through the recompute (the launcher's
     ``--selective-checkpointing``) and the attention calls their recomputes skipped; the script
@@ -93,6 +105,15 @@ def selective_checkpointing(model) -> tuple[int, int]:
     if selective is None:
         return 0, 0
     return sum(map(selective.keeps_attention_outputs, model.model.layers)), selective.replayed_attention_outputs()
+
+
+def loss_path(trainer) -> str | None:
+    """How ulysses_attn computes this Trainer's loss under SP (None when it is not loaded)."""
+    integration = sys.modules.get("ulysses_attn.integrations.trainer")
+    sp = sys.modules["ulysses_attn"].get_sequence_parallel() if integration else None
+    if sp is None or sp.size == 1:
+        return None
+    return integration.trainer_loss_path(trainer).value
 
 
 def compiled_graphs() -> int:
@@ -120,6 +141,9 @@ def main():
     p.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --output_dir")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--torch_compile", action="store_true", help="TrainingArguments(torch_compile=True)")
+    p.add_argument("--label_smoothing", type=float, default=0.0, help="TrainingArguments(label_smoothing_factor=...)")
+    p.add_argument("--loss_func", action="store_true", help="a compute_loss_func of the script's own, from the logits")
+    p.add_argument("--no_use_cpu", action="store_true", help="leave use_cpu off even without a GPU")
     args = p.parse_args()
 
     texts = [json.loads(line)["text"] for line in open(args.data)]
@@ -156,13 +180,15 @@ def main():
         save_steps=args.save_steps or 500,
         report_to=[],
         seed=args.seed,
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available() and not args.no_use_cpu,
         dataloader_num_workers=0,
         torch_compile=args.torch_compile,
+        label_smoothing_factor=args.label_smoothing,
     )
     seen = LongestSequenceSeen(model, head=args.record_head_rows)
     trainer = Trainer(model=model, args=training_args, train_dataset=train,
-                      eval_dataset=evaluation if args.eval else None, data_collator=collator, callbacks=[seen])
+                      eval_dataset=evaluation if args.eval else None, data_collator=collator, callbacks=[seen],
+                      compute_loss_func=token_weighted_loss if args.loss_func else None)
     trainer.train(resume_from_checkpoint=True if args.resume else None)
     state = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # collective: gathers ZeRO-3 shards
     selective_layers, skipped_attention = selective_checkpointing(trainer.model)
@@ -180,6 +206,7 @@ def main():
                        "attention_calls_not_recomputed": skipped_attention,
                        "zero3_leaf_modules": zero3_leaves,
                        "compiled_graphs": compiled_graphs(),
+                       "loss_path": loss_path(trainer),
                        "world_size": training_args.world_size}, f, indent=1)
 
 

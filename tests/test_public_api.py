@@ -26,6 +26,8 @@ PUBLIC = {
     "sp_sum",
     "set_kernel",
     "available_kernels",
+    "make_transparent",
+    "unsharded",
 }
 
 

@@ -20,6 +20,7 @@ from .loss import causal_lm_loss, chunked_causal_lm_loss, sp_sum
 from .memory import MemoryOptions, configure_memory
 from .registration import ATTN_IMPLEMENTATION, register
 from .tiled_mlp import tile_mlp
+from .transparent import make_transparent, unsharded
 
 register()
 
@@ -39,6 +40,8 @@ __all__ = [
     "MemoryOptions",
     "configure_memory",
     "tile_mlp",
+    "make_transparent",
+    "unsharded",
     "sp_sum",
     "set_kernel",
     "available_kernels",

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from .comm import gather_heads_scatter_seq, gather_seq_scatter_heads
 from .kernels import attend
 from .layout import cached_layout, local_layout, sequence_layout
-from .state import STATE, warn_once
+from .state import STATE, active_sp, warn_once
 
 __all__ = ["ulysses_flash_attention", "ulysses_flash_mask", "kv_replication", "check_heads", "padded_heads"]
 
@@ -145,7 +145,7 @@ def ulysses_flash_attention(
         raise NotImplementedError("ulysses_flash supports self-attention only (cu_seq_lens_k != cu_seq_lens_q).")
     batch, heads, seq_local, _ = query.shape
     kv_heads = key.shape[1]
-    sp = STATE.sp
+    sp = active_sp()
     opts: dict[str, Any] = dict(causal=causal, scale=scaling, dropout=dropout, window=sliding_window, softcap=softcap)
     tensors = (position_ids, attention_mask, cu_seq_lens_q)  # the objects every layer receives: cache key
     position_ids = _rows(position_ids, batch)

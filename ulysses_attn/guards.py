@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from . import patches
 from .models import decoder_layers
-from .state import STATE
+from .state import STATE, active_sp
 
 __all__ = [
     "TokenMixingOutsideAttention",
@@ -132,7 +132,8 @@ def global_rope_lengths(model: torch.nn.Module, group: Any) -> int:
         original = rotary.forward
 
         def forward(x, position_ids=None, *args, _original=original, **kwargs):
-            if position_ids is None or STATE.sp is None or STATE.sp.size == 1:
+            sp = active_sp()
+            if position_ids is None or sp is None or sp.size == 1:
                 return _original(x, position_ids, *args, **kwargs)
             top = position_ids.max().reshape(1).to(torch.int64)
             dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
@@ -167,7 +168,7 @@ def _watch_layers(model: torch.nn.Module) -> list:
 
 
 def _first_sp_forward(model: torch.nn.Module, args, kwargs) -> None:
-    sp = STATE.sp
+    sp = active_sp()
     if sp is None or sp.size == 1 or model in STATE.checked_models or model in STATE.checking_models:
         return
     if not decoder_layers(model):

@@ -41,6 +41,7 @@ __all__ = [
 class LossPath(str, Enum):
     """How the loss of a training step is computed (:func:`loss_path` decides)."""
 
+    TRANSPARENT = "transparent"  # whole batch; the backbone shards inside and returns whole outputs: any loss
     TRL_FUSED_HEAD = "trl_fused_head"  # TRL's fused LM head: whole batch, sharded inside the forward
     CHUNKED = "chunked"  # backbone hidden states -> chunked_causal_lm_loss, no full logits
     SP_LOGITS = "sp_logits"  # the model's forward; loss_function = causal_lm_loss, reduced over the SP group
@@ -55,9 +56,16 @@ def loss_path(
     sp_size: int | None = None,
     call: tuple[tuple, dict[str, Any]] | None = None,
     training: bool = True,
+    full_logits_needed: str | None = None,
+    transparent: bool | None = None,
 ) -> LossPath:
     """The one decision of the loss path, for a trainer (``call=None``: a labelled training step)
     or for one forward ``call=(args, kwargs)`` of a model with the memory options.
+
+    Under SP, ``transparent=True`` forces the transparent path; with ``transparent=None`` it is
+    taken when ``full_logits_needed`` names why the step's loss is not one the package makes
+    SP-aware (``compute_loss_func``, label smoothing, a trainer's own ``compute_loss``...), and with
+    ``transparent=False`` such a step raises: it would see only a shard of the logits.
 
     The chunked loss needs a causal LM with an output embedding, keyword inputs with labels, a
     training forward with gradients, and no MoE router loss (whose auxiliary terms need the model's
@@ -65,6 +73,14 @@ def loss_path(
     if sp_size is None:
         sp = get_sequence_parallel()
         sp_size = 1 if sp is None else sp.size
+    if sp_size > 1 and (transparent or (transparent is None and full_logits_needed)):
+        return LossPath.TRANSPARENT
+    if sp_size > 1 and full_logits_needed:
+        raise NotImplementedError(
+            f"ulysses_attn: {full_logits_needed} needs the full-sequence logits, and transparent mode (which gives "
+            "them) is turned off (enable(transparent=False) / --no-transparent). Under sequence parallelism this loss "
+            "would see only this rank's shard. Turn transparent mode back on (the default) or drop the option."
+        )
     if trl_fused_head:
         return LossPath.TRL_FUSED_HEAD
     args, kwargs = call if call is not None else ((), {"labels": True})

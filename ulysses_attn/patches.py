@@ -188,6 +188,14 @@ PATCHES: dict[str, Patch] = {
             "tests/test_memory.py::test_long_sequence_and_selective_checkpointing_under_sp_equal_plain_forward",
         ),
         _p(
+            "transformers.PreTrainedModel.base_model.forward.transparent",
+            "transformers",
+            _HF,
+            "transparent mode: the backbone shards whole batches and re-assembles its outputs, so any loss is exact",
+            "a sequence-parallel hook on the decoder stack in transformers",
+            "tests/test_transparent.py::test_compute_loss_func_and_label_smoothing_sp2_equal_plain",
+        ),
+        _p(
             "transformers.GradientCheckpointingLayer._gradient_checkpointing_func",
             "transformers",
             _HF,
@@ -277,6 +285,16 @@ PATCHES: dict[str, Patch] = {
             "the forward add_fused_lm_head installs shards the batch and gathers per-token outputs",
             "an SP hook in TRL's fused head",
             "tests/test_trl.py::test_sft_padded_completion_only_p2",
+        ),
+        _p(
+            "accelerate.ACCELERATE_USE_CPU",
+            "accelerate",
+            _ACC,
+            "a multi-process SP run on a machine without accelerators must train distributed on the CPU, "
+            "not as unconnected single processes",
+            "use_cpu=True in the script's TrainingArguments",
+            "tests/test_transparent.py::test_cpu_run_without_use_cpu_trains_distributed",
+            kind="tracked",
         ),
         _p(
             "deepspeed.config.sequence_parallel_size",

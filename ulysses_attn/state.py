@@ -9,6 +9,7 @@ what ``import ulysses_attn`` left.
 from __future__ import annotations
 
 import logging
+import sys
 import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -18,7 +19,7 @@ import torch.distributed as dist
 if TYPE_CHECKING:
     from .groups import SequenceParallel
 
-__all__ = ["Runtime", "STATE", "reset", "warn_once", "log_once"]
+__all__ = ["Runtime", "STATE", "reset", "active_sp", "warn_once", "log_once", "announce_once"]
 
 logger = logging.getLogger("ulysses_attn")
 
@@ -33,6 +34,8 @@ class Runtime:
     said: set = field(default_factory=set)  # keys of warnings / log lines already given
     used_kernels: set = field(default_factory=set)  # kernel labels attend() ran
     replayed_attention_outputs: int = 0  # attention kernel calls that selective checkpointing skipped
+    unsharded: int = 0  # depth of transparent.unsharded() blocks: attention runs as without SP
+    transparent: bool | None = None  # enable(transparent=...): None picks per Trainer (loss.loss_path)
     attention_calls: int = 0  # calls of the ulysses_flash function (guards: did a layer attend?)
     checked_models: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # guards passed a SP forward
     checking_models: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # guards watching a SP forward
@@ -46,6 +49,12 @@ def reset() -> None:
     applied = STATE.applied
     STATE.__dict__.update(Runtime().__dict__)
     STATE.applied = applied
+
+
+def active_sp() -> SequenceParallel | None:
+    """The SP group the models of this process run under now: none inside
+    :func:`ulysses_attn.transparent.unsharded` (generation, cached forwards)."""
+    return None if STATE.unsharded else STATE.sp
 
 
 def _rank0() -> bool:
@@ -66,3 +75,13 @@ def log_once(key: object, message: str, *args: object) -> None:
     if key not in STATE.said:
         STATE.said.add(key)
         logger.info(message, *args)
+
+
+def announce_once(key: object, message: str) -> None:
+    """Print ``message`` to stderr once per ``key``, on rank 0 only, whatever the logging level:
+    what a run is about to do (the start line of a sequence-parallel Trainer)."""
+    if key in STATE.said:
+        return
+    STATE.said.add(key)
+    if _rank0():
+        print(message, file=sys.stderr, flush=True)

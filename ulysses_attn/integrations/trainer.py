@@ -38,14 +38,23 @@ from ..kernels import set_kernel
 from ..loss import LossPath, causal_lm_loss, loss_path
 from ..memory import MemoryOptions, configure_memory
 from ..models import ulysses_models, uses_ulysses
-from ..state import STATE
+from ..state import STATE, announce_once
+from ..transparent import make_transparent
 from .accelerate import install_metrics_gather, shard_dataloaders_over_dp_groups
 from .deepspeed import reconcile_sequence_parallel_size
 from .trl import fused_trainer_classes, is_trl_trainer, patch_trl, trl_supported
 
 logger = logging.getLogger("ulysses_attn")
 
-__all__ = ["enable", "disable", "resolve_sp_size", "attach", "apply_memory_options", "trainer_loss_path"]
+__all__ = [
+    "enable",
+    "disable",
+    "resolve_sp_size",
+    "attach",
+    "apply_memory_options",
+    "trainer_loss_path",
+    "full_logits_needed",
+]
 
 _ENV_SIZE = "ULYSSES_SP_SIZE"
 
@@ -92,7 +101,22 @@ def resolve_sp_size(sp_size: int | None = None) -> int:
     return candidates[0][1]
 
 
+def _train_on_cpu_if_no_accelerator() -> None:
+    """Several processes and no accelerator: make the Trainer's accelerate state distributed on the
+    CPU (``ACCELERATE_USE_CPU``, what ``use_cpu=True`` sets), where it would otherwise run each rank
+    as its own unconnected single process."""
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.accelerator.is_available():
+        return
+    if os.environ.get("ACCELERATE_USE_CPU") is not None:
+        return
+    os.environ["ACCELERATE_USE_CPU"] = "true"
+    patches.track("accelerate.ACCELERATE_USE_CPU", os.environ, lambda: os.environ.pop("ACCELERATE_USE_CPU", None))
+
+
 def _init_distributed() -> None:
+    _train_on_cpu_if_no_accelerator()
     if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
     from accelerate import PartialState
@@ -106,6 +130,7 @@ def enable(
     kernel: str | None = None,
     long_sequence: bool = False,
     memory: MemoryOptions | None = None,
+    transparent: bool | None = None,
 ) -> SequenceParallel:
     """Initialise sequence parallelism and make HF Trainers use it.
 
@@ -117,6 +142,12 @@ def enable(
     ``long_sequence=True`` turns on every memory saving (``MemoryOptions.long_sequence()``:
     chunked loss, tiled MLP, activation checkpointing with overlapped CPU offload); ``memory``
     picks them one by one. Without either, SP runs use the chunked loss only.
+
+    ``transparent``: ``None`` (default) lets each Trainer whose loss the package does not make
+    SP-aware (``compute_loss_func``, label smoothing, a trainer's own ``compute_loss``, a model that
+    is not a causal LM, MoE router losses) train in transparent mode (:mod:`ulysses_attn.transparent`:
+    whole batches, whole logits, any loss exact); ``True`` forces it for every Trainer, ``False``
+    refuses such Trainers instead.
     """
     size = resolve_sp_size(sp_size)
     _init_distributed()
@@ -126,6 +157,7 @@ def enable(
     if long_sequence and memory is not None:
         raise ValueError("pass either long_sequence=True or memory=MemoryOptions(...), not both")
     STATE.memory = MemoryOptions.long_sequence() if long_sequence else memory
+    STATE.transparent = transparent
     _patch_trainer()
     patch_trl()
     if sp.size > 1:
@@ -178,6 +210,26 @@ def _patch_trainer() -> None:
     patches.replace("transformers.Trainer.__init__", Trainer, "__init__", __init__)
 
 
+def full_logits_needed(trainer) -> str | None:
+    """Why the trainer's loss needs the full-sequence logits (is not one the package makes
+    SP-aware), or ``None``."""
+    from transformers import Trainer
+
+    fused = isinstance(trainer, fused_trainer_classes())
+    heads = _causal_lm_heads(trainer.model)
+    if getattr(trainer, "compute_loss_func", None) is not None:
+        return "the Trainer's compute_loss_func"
+    if getattr(trainer, "label_smoother", None) is not None:
+        return "label smoothing (label_smoothing_factor)"
+    if not heads:
+        return f"a model that is not a causal LM ({type(trainer.model).__name__})"
+    if any(getattr(m.config.get_text_config(), "output_router_logits", False) for m in heads):
+        return "the MoE router auxiliary loss (output_router_logits)"
+    if not fused and type(trainer).compute_loss is not Trainer.compute_loss:
+        return f"{type(trainer).__name__}.compute_loss (a loss of its own)"
+    return None
+
+
 def trainer_loss_path(trainer, options: MemoryOptions | None = None) -> LossPath:
     """The loss path of the trainer's training steps (:func:`ulysses_attn.loss.loss_path`)."""
     chunked = (options or STATE.memory or MemoryOptions()).chunked_loss
@@ -186,7 +238,19 @@ def trainer_loss_path(trainer, options: MemoryOptions | None = None) -> LossPath
         heads[0] if heads else trainer.model,
         chunked_loss=chunked,
         trl_fused_head=isinstance(trainer, fused_trainer_classes()),
+        full_logits_needed=full_logits_needed(trainer),
+        transparent=STATE.transparent,
     )
+
+
+def _causal_lm_heads(model) -> list:
+    return [m for m in ulysses_models(model) if type(m).__name__.endswith("ForCausalLM")]
+
+
+def _outermost(models: list) -> list:
+    """The models of the list that no other model of the list contains."""
+    inner = {id(sub) for m in models for sub in m.modules() if sub is not m}
+    return [m for m in models if id(m) not in inner]
 
 
 def _set_arg(trainer, record: str, name: str, value) -> None:
@@ -211,19 +275,21 @@ def attach(trainer, sp: SequenceParallel | None = None) -> None:
     if not args.average_tokens_across_devices:
         logger.warning("ulysses_attn: setting average_tokens_across_devices=True (required for an exact SP loss).")
         _set_arg(trainer, "average_tokens_across_devices", "average_tokens_across_devices", True)
-    heads = [m for m in ulysses_models(trainer.model) if type(m).__name__.endswith("ForCausalLM")]
-    if not heads:
-        raise NotImplementedError(
-            "Sequence parallelism with the Trainer supports causal-LM models (*ForCausalLM); "
-            f"got {type(trainer.model).__name__}."
-        )
     if sp is None:
         raise RuntimeError("attach() needs an SP group: call ulysses_attn.enable(sp_size) first.")
+    _refuse_single_process_trainer(trainer, sp)
     reconcile_sequence_parallel_size(trainer, sp.size)
-    for m in heads:  # a model switched to ulysses_flash after it was built was not watched at post_init
+    path = trainer_loss_path(trainer)
+    models = _outermost(ulysses_models(trainer.model))
+    heads = _causal_lm_heads(trainer.model)
+    for m in models:  # a model switched to ulysses_flash after it was built was not watched at post_init
         guards.watch(m)
-    # TRL's fused-head trainers keep whole batches and shard inside the forward (integrations/trl.py)
-    sharded_inputs = trainer_loss_path(trainer) is not LossPath.TRL_FUSED_HEAD
+    if path is LossPath.TRANSPARENT:
+        for m in models:
+            make_transparent(m, sp)
+    # transparent mode and TRL's fused-head trainers keep whole batches and shard inside the forward
+    sharded_inputs = path not in (LossPath.TRANSPARENT, LossPath.TRL_FUSED_HEAD)
+    _announce(trainer, sp, path)
     if sharded_inputs:
         for m in heads:
             patches.replace("transformers.PreTrainedModel.loss_function", m, "loss_function", causal_lm_loss)
@@ -238,10 +304,59 @@ def attach(trainer, sp: SequenceParallel | None = None) -> None:
     )
 
 
+def _refuse_single_process_trainer(trainer, sp: SequenceParallel) -> None:
+    """SP over several processes with a Trainer that is not distributed trains each rank alone on
+    its shard: refuse, naming the fix."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    trained_by = trainer.accelerator.num_processes
+    if world > 1 and trained_by != world:
+        raise RuntimeError(
+            f"ulysses_attn: sequence parallelism (size {sp.size}) runs over {world} processes, but the Trainer "
+            f"trains as {trained_by} process(es) (accelerate: {trainer.accelerator.distributed_type}), so each rank "
+            "would train alone on its shard of every sequence. On a machine without GPUs pass use_cpu=True in "
+            "TrainingArguments (--use_cpu); otherwise check that the launcher's environment reaches the Trainer "
+            "(torchrun / accelerate launch)."
+        )
+
+
+_PATH_NOTES = {
+    LossPath.CHUNKED: "sharded batches, chunked loss",
+    LossPath.SP_LOGITS: "sharded batches, SP-reduced loss of the shard's logits",
+    LossPath.TRL_FUSED_HEAD: "whole batches, TRL's fused LM head sharded inside",
+    LossPath.TRANSPARENT: "whole batches and logits, the decoder layers sharded inside",
+}
+
+
+def _announce(trainer, sp: SequenceParallel, path: LossPath) -> None:
+    """The one start line of a sequence-parallel Trainer (rank 0, always printed)."""
+    options = STATE.memory or MemoryOptions()
+    memory = [
+        name
+        for name, on in (
+            ("tiled MLP", options.tiled_mlp),
+            ("activation checkpointing", options.activation_checkpointing),
+            ("checkpoint offload", options.offload_checkpoints),
+            ("selective checkpointing", options.selective_checkpointing),
+        )
+        if on
+    ]
+    why = full_logits_needed(trainer) if path is LossPath.TRANSPARENT else None
+    if path is LossPath.TRANSPARENT:
+        why = why or "forced by enable(transparent=True) / --transparent"
+    announce_once(
+        ("start", type(trainer).__name__, path),
+        f"ulysses_attn: sequence parallelism on for {type(trainer).__name__}: SP size {sp.size} x DP size "
+        f"{sp.dp_size} = world {sp.size * sp.dp_size}; kernel {STATE.forced_kernel or 'auto'}; loss path "
+        f"{path.value} ({_PATH_NOTES[path]}{'; because of ' + why if why else ''}); memory options: "
+        f"{', '.join(memory) or 'none'}.",
+    )
+
+
 def apply_memory_options(trainer, options: MemoryOptions) -> None:
     """Apply ``options`` to the trainer's causal LM(s) (see :mod:`ulysses_attn.memory`)."""
-    if trainer_loss_path(trainer, options) is LossPath.TRL_FUSED_HEAD:
-        options = dataclasses.replace(options, chunked_loss=False)  # TRL's fused head is chunked already
+    if trainer_loss_path(trainer, options) in (LossPath.TRL_FUSED_HEAD, LossPath.TRANSPARENT):
+        # TRL's fused head is chunked already; transparent mode is there to return the logits
+        options = dataclasses.replace(options, chunked_loss=False)
     for model in ulysses_models(trainer.model):
         if model.get_output_embeddings() is not None:  # type: ignore[operator]
             configure_memory(model, options)

@@ -32,6 +32,7 @@ from ..data import shard_batch
 from ..groups import get_sequence_parallel
 from ..labels import shift_labels as full_sequence_shift
 from ..models import ATTN_IMPLEMENTATION
+from ..transparent import is_transparent
 
 logger = logging.getLogger("ulysses_attn")
 
@@ -73,7 +74,7 @@ def sequence_parallel_fused_forward(model: torch.nn.Module) -> None:
     @functools.wraps(fused)
     def forward(*args, fused_lm_head=False, **kwargs):
         sp = get_sequence_parallel()
-        if sp is None or sp.size == 1:
+        if sp is None or sp.size == 1 or is_transparent(model):  # transparent: the backbone shards
             return fused(*args, fused_lm_head=fused_lm_head, **kwargs)
         if not fused_lm_head:
             raise NotImplementedError(

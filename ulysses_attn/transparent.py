@@ -1,0 +1,136 @@
+"""Transparent sequence parallelism: the whole batch in, the whole outputs out, any loss exact.
+
+In the sharded path the collator hands each rank ``S/P`` tokens and the loss must be one the
+package makes SP-aware. Transparent mode instead gives every rank of an SP group the whole
+(padded) batch and shards *inside* the model: the backbone's forward (``model.base_model``) is
+wrapped so that it
+
+1. shards its inputs along the sequence (:func:`~ulysses_attn.data.shard_batch`: pad to a multiple
+   of P, global ``position_ids``, packed documents as ``cu_seq_lens``),
+2. runs the embedding and the decoder layers on this rank's ``S/P`` tokens (the attention's
+   all-to-alls as in the sharded path),
+3. all-gathers the per-token outputs (``last_hidden_state``, ``hidden_states``, MoE
+   ``router_logits``) and cuts the padding,
+
+so the final norm's output, the head, ``outputs.logits`` and any loss computed from them equal the
+model's without SP, on every rank. The gather's backward sums the ranks' gradients
+(:func:`~ulysses_attn.comm.all_gather_seq`): with every rank of a group holding the same loss, the
+data-parallel mean over all ranks (DDP, ZeRO) is exactly the non-SP gradient, parameters before and
+after the gather alike.
+
+Memory: every rank holds the full-sequence hidden states after the backbone and the full logits
+(``[B, S, vocab]``), as a run without SP does; the decoder layers' activations are ``1/P``.
+
+A forward with a KV cache (``cache`` / ``past_key_values``: generation, prefill included) runs
+unsharded on each rank (:func:`unsharded`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from . import patches
+from .comm import all_gather_seq
+from .data import shard_batch
+from .groups import SequenceParallel
+from .state import STATE
+
+__all__ = ["make_transparent", "is_transparent", "unsharded"]
+
+_RECORD = "transformers.PreTrainedModel.base_model.forward.transparent"
+_CACHE_ARGUMENTS = ("cache", "past_key_values")
+
+
+@contextlib.contextmanager
+def unsharded() -> Iterator[None]:
+    """Run the models of this process as without SP (the attention attends over its input as
+    given, no collectives) inside the block: generation, cached forwards."""
+    STATE.unsharded += 1
+    try:
+        yield
+    finally:
+        STATE.unsharded -= 1
+
+
+def is_transparent(model: torch.nn.Module) -> bool:
+    backbone = getattr(model, "base_model", model)
+    return bool(getattr(backbone, "_ulysses_transparent", False))
+
+
+def make_transparent(model: torch.nn.Module, sp: SequenceParallel) -> None:
+    """Make ``model`` (a transformers model: ``*ForCausalLM``, ``*ForSequenceClassification``, a
+    backbone...) take whole batches under SP and return whole outputs (see the module docstring).
+    Idempotent; :func:`ulysses_attn.disable` undoes it.
+
+    >>> make_transparent(model, get_sequence_parallel())
+    >>> model(input_ids=ids, labels=ids).loss   # equals the model's loss without SP, on every rank
+    """
+    backbone: Any = getattr(model, "base_model", model)
+    if getattr(backbone, "_ulysses_transparent", False):
+        return
+    original = backbone.forward
+    names = list(inspect.signature(original).parameters)
+
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        if STATE.sp is None or STATE.sp.size == 1 or STATE.unsharded:
+            return original(*args, **kwargs)
+        if len(args) > len(names):
+            raise TypeError(f"{type(backbone).__name__}.forward got {len(args)} positional arguments")
+        kwargs = {**dict(zip(names, args)), **kwargs}
+        if any(kwargs.get(k) is not None for k in _CACHE_ARGUMENTS):
+            with unsharded():
+                return original(**kwargs)
+        return _sharded_forward(original, kwargs, STATE.sp)
+
+    patches.replace(_RECORD, backbone, "forward", forward)
+    vars(backbone)["_ulysses_transparent"] = True
+    patches.track("ulysses_attn.model_attributes", backbone, lambda: vars(backbone).pop("_ulysses_transparent", None))
+
+
+def _sharded_forward(original, kwargs: dict[str, Any], sp: SequenceParallel):
+    ref = kwargs.get("input_ids")
+    if ref is None:
+        ref = kwargs.get("inputs_embeds")
+    if ref is None:
+        raise ValueError("a transparent sequence-parallel forward needs input_ids or inputs_embeds")
+    batch, seq = ref.shape[:2]
+    kwargs = {k: v for k, v in kwargs.items() if v is not None and k != "cache_position"}  # positions: global ids
+    kwargs["use_cache"] = False  # a cache of this rank's shard is of no use to anyone
+    shard = shard_batch(kwargs, sp)
+    local = shard["input_ids" if "input_ids" in kwargs else "inputs_embeds"].shape[1]
+    out = original(**shard)
+    return _gather_outputs(out, sp, batch, seq, local)
+
+
+def _gather(value: Any, sp: SequenceParallel, batch: int, seq: int, local: int, name: str) -> Any:
+    if isinstance(value, (tuple, list)):
+        return type(value)(_gather(v, sp, batch, seq, local, name) for v in value)
+    if not torch.is_tensor(value):
+        return value
+    if value.dim() >= 2 and value.shape[:2] == (batch, local):  # per token: [B, S/P, ...]
+        return all_gather_seq(value, sp.group)[:, :seq]
+    if name == "router_logits" and value.dim() == 2 and value.shape[0] == batch * local:  # [B * S/P, experts]
+        full = all_gather_seq(value.reshape(batch, local, -1), sp.group)[:, :seq]
+        return full.reshape(batch * seq, -1)
+    if name in ("last_hidden_state", "hidden_states", "router_logits"):
+        raise NotImplementedError(
+            f"ulysses_attn transparent mode cannot re-assemble {name} of shape {tuple(value.shape)} along the sequence."
+        )
+    return value
+
+
+def _gather_outputs(out: Any, sp: SequenceParallel, batch: int, seq: int, local: int) -> Any:
+    if isinstance(out, tuple):
+        return tuple(_gather(v, sp, batch, seq, local, "") for v in out)
+    for name in list(out.keys()):
+        if name == "attentions" and out[name] is not None:
+            raise NotImplementedError("output_attentions is not supported under sequence parallelism.")
+        out[name] = _gather(out[name], sp, batch, seq, local, name)
+    return out
