@@ -119,6 +119,7 @@ def test_every_kind_of_record_is_covered():
         "transformers.PreTrainedModel.loss_function",
         "transformers.PreTrainedModel.forward",
         "transformers.PreTrainedModel.base_model.forward",
+        "transformers.PreTrainedModel.base_model.forward.transparent",
         "transformers.GradientCheckpointingLayer._gradient_checkpointing_func",
         "transformers.decoder_layer.mlp.forward",
         "trl.fused_lm_head.forward",
@@ -289,7 +290,7 @@ def _enable_disable_enable(rank, world, tmp):
     original_init = Trainer.__init__
     losses = []
     for round_ in range(2):
-        ulysses_attn.enable(sp_size=world, long_sequence=True)
+        ulysses_attn.enable(sp_size=world, long_sequence=True, select_backend=False)  # "plain" keeps sdpa
         assert Trainer.__init__ is not original_init
         model = build("llama", "ulysses_flash")
         plain = _snapshot(_tiny_trainer(os.path.join(tmp, "plain"), build("llama", "sdpa")))

@@ -20,8 +20,8 @@ RTOL = 1e-5
 RTOL_WEIGHTS = 5e-5
 
 
-def run(out_dir, nproc=1, sp=None, launcher="torchrun", extra=()):
-    return run_example(out_dir, nproc, sp, launcher, ["--max_length", str(MAX_LENGTH), *extra])
+def run(out_dir, nproc=1, sp=None, launcher="torchrun", extra=(), **kwargs):
+    return run_example(out_dir, nproc, sp, launcher, ["--max_length", str(MAX_LENGTH), *extra], **kwargs)
 
 
 def assert_same_training(sp_run, ref_run, sp_size, evaluated=True):

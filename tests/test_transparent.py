@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
-import ulysses_attn
 from distributed import run_distributed
 from zoo import GRAD_FLOOR, RTOL, build, build_reference, make_batch, rel_err, tiny_config
+
+import ulysses_attn
 from ulysses_attn.models import decoder_layers
 from ulysses_attn.transparent import make_transparent
 
@@ -53,7 +53,7 @@ def _reference(cfg, kind: str) -> dict:
 def _worker(rank, world, model_type, kinds, router_loss):
     import torch.distributed as dist
 
-    sp = ulysses_attn.enable(sp_size=world)
+    sp = ulysses_attn.enable(sp_size=world, select_backend=False)  # the reference keeps its stock backend
     cfg = _config(model_type, router_loss)
     model = build(cfg, "ulysses_flash")
     make_transparent(model, sp)
@@ -113,7 +113,7 @@ def test_any_loss_from_logits_exact_sp4():
 
 
 def _generate_worker(rank, world):
-    sp = ulysses_attn.enable(sp_size=world)
+    sp = ulysses_attn.enable(sp_size=world, select_backend=False)  # the reference keeps its stock backend
     cfg = tiny_config("llama")
     ref, _ = build_reference(cfg)
     model = build(cfg, "ulysses_flash")
@@ -133,7 +133,9 @@ def test_generation_runs_unsharded_and_equals_plain():
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("option", [["--loss_func"], ["--label_smoothing", "0.1"]], ids=["compute_loss_func", "label_smoothing"])
+@pytest.mark.parametrize(
+    "option", [["--loss_func"], ["--label_smoothing", "0.1"]], ids=["compute_loss_func", "label_smoothing"]
+)
 def test_compute_loss_func_and_label_smoothing_sp2_equal_plain(tmp_path, baselines, option):
     from test_trainer import assert_same_training, run
 
@@ -154,9 +156,9 @@ def test_cpu_run_without_use_cpu_trains_distributed(tmp_path, baselines):
 
 
 def _single_process_trainer_worker(rank, world):
+    from example_runs import tiny_model
     from transformers import Trainer, TrainingArguments
 
-    from example_runs import tiny_model
     from ulysses_attn.integrations.trainer import attach
 
     ulysses_attn.enable(sp_size=world)
@@ -172,3 +174,62 @@ def _single_process_trainer_worker(rank, world):
 
 def test_sp_with_a_single_process_trainer_is_refused():
     assert all(run_distributed(_single_process_trainer_worker, 2))
+
+
+# ------------------------------------------------------------------------------------------------
+# the launcher selects the backend: an unchanged script that never names ulysses_flash
+# ------------------------------------------------------------------------------------------------
+
+
+def test_unchanged_script_gets_ulysses_flash_from_the_launcher(tmp_path, baselines):
+    # examples/sft_trainer.py loads its model with attn_implementation="sdpa" (its default)
+    from test_trainer import assert_same_training, run
+
+    sp_run = run(tmp_path, nproc=2, sp=2, extra=["--eval"], attn=None)
+    assert sp_run[0]["loss_path"] == "chunked"
+    assert_same_training(sp_run, baselines("plain", extra=["--eval"]), 2)
+
+
+def _select_worker(rank, world, tmp):
+    import os
+
+    from transformers import AutoModelForCausalLM
+
+    from ulysses_attn.state import STATE
+    from zoo import tiny_config
+
+    cfg = tiny_config("llama")
+    got = {}
+    ulysses_attn.enable(sp_size=world)
+    for asked in ("sdpa", "eager", None):
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation=asked)
+        got[asked] = model.config._attn_implementation
+    got["kernel"] = STATE.preferred_kernel  # the first request, sdpa
+    if rank == 0:
+        model.save_pretrained(tmp)
+    with open(os.path.join(tmp, "config.json")) if rank == 0 else open(os.devnull) as f:
+        got["saved"] = f.read()
+    ulysses_attn.disable()
+    ulysses_attn.enable(sp_size=world, select_backend=False)
+    got["kept"] = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").config._attn_implementation
+    return got
+
+
+def test_models_built_under_sp_get_ulysses_flash_and_save_without_it(tmp_path):
+    import subprocess
+    import sys
+
+    r = run_distributed(_select_worker, 2, str(tmp_path))[0]
+    assert r["sdpa"] == r["eager"] == r[None] == "ulysses_flash" and r["kernel"] == "sdpa"
+    assert r["kept"] == "sdpa"
+    assert r["saved"] and "ulysses" not in r["saved"]
+    # the saved model loads and runs where the package was never imported
+    code = (
+        "import sys, torch; from transformers import AutoModelForCausalLM; "
+        f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}); "
+        "assert 'ulysses_attn' not in sys.modules; print(m.config._attn_implementation); "
+        "print(m(torch.tensor([[1, 2, 3]])).logits.shape)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[0] == "sdpa"

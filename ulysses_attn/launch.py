@@ -5,7 +5,9 @@
     python -m ulysses_attn.launch --sp-size 2 -m my_package.train ...
     torchrun --nproc_per_node 8 -m ulysses_attn.launch --sp-size 8 --long-sequence train.py ...
 
-The script only has to load its model with ``attn_implementation="ulysses_flash"``.
+The script needs no change: every model it builds that can take ``"ulysses_flash"`` gets it
+(``--keep-attn-implementation`` turns that off), and a loss the package does not make SP-aware
+trains in transparent mode (``--transparent auto|on|off``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from .memory import MemoryOptions
 
 def _split(argv: list[str]) -> tuple[list[str], list[str]]:
     """Split ``argv`` into the launcher's own options and ``[script.py | -m module] args...``."""
-    takes_value = {"--sp-size", "--kernel"}
+    takes_value = {"--sp-size", "--kernel", "--transparent"}
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m ulysses_attn.launch",
         usage="%(prog)s [--sp-size N] [--kernel K] [--long-sequence] [--selective-checkpointing] "
-        "(script.py | -m module) [args]",
+        "[--transparent auto|on|off] [--keep-attn-implementation] (script.py | -m module) [args]",
     )
     parser.add_argument(
         "--sp-size",
@@ -56,6 +58,19 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="activation checkpointing that keeps the attention outputs (more memory, less time)",
     )
+    parser.add_argument(
+        "--keep-attn-implementation",
+        action="store_true",
+        help="leave each model's attn_implementation as the script asks (default: ulysses_flash for every "
+        "model that can take it, its inner kernel following the request)",
+    )
+    parser.add_argument(
+        "--transparent",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="whole batches and logits with the decoder layers sharded inside: auto (default) where the loss is "
+        "not one the package makes SP-aware; on: always; off: refuse such losses (docs/transparent.md)",
+    )
     args = parser.parse_args(own)
     if not target or (target[0] == "-m" and len(target) < 2):
         parser.error("give a script to run (or -m module)")
@@ -63,7 +78,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.selective_checkpointing:
         memory = memory or MemoryOptions(activation_checkpointing=True)
         memory.selective_checkpointing = True
-    enable(args.sp_size, kernel=args.kernel, memory=memory)
+    transparent = {"auto": None, "on": True, "off": False}[args.transparent]
+    enable(
+        args.sp_size,
+        kernel=args.kernel,
+        memory=memory,
+        transparent=transparent,
+        select_backend=not args.keep_attn_implementation,
+    )
     try:
         if target[0] == "-m":
             sys.argv = [target[1], *target[2:]]

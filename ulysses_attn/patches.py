@@ -91,7 +91,8 @@ PATCHES: dict[str, Patch] = {
             "transformers",
             _HF,
             'models with _compatible_flash_implementations (gpt-oss, ...) swap any "flash" name for their '
-            "own kernel with only a warning: the model would silently run without SP",
+            "own kernel with only a warning: the model would silently run without SP; under enable(select_backend="
+            "True) (the launcher) a model built under SP gets ulysses_flash whatever the script asked for",
             "an opt-out of the flash auto-correction for registered AttentionInterface functions",
             "tests/test_guards.py::test_models_with_their_own_flash_kernel_keep_ulysses_flash",
             scope="import",

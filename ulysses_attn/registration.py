@@ -20,6 +20,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from . import guards, patches
 from .attention import ulysses_flash_attention, ulysses_flash_mask
 from .models import ATTN_IMPLEMENTATION
+from .state import STATE
 
 __all__ = ["ATTN_IMPLEMENTATION", "register", "unregister"]
 
@@ -53,6 +54,34 @@ def _install_flash_shim() -> None:
     patches.replace(_SHIM, mu, "lazy_import_flash_attention", lazy_import_flash_attention)
 
 
+# what the script asked for -> the inner kernel that follows it (None: the automatic choice)
+_KERNEL_ASKED = {
+    "sdpa": "sdpa",
+    "eager": "reference",
+    "flash_attention_2": "flash_attn",
+    "flash_attention_3": "flash_attn",
+    "flash_attention_4": "flash_attn",
+}
+
+
+def _selected_backend(model, requested):
+    """``"ulysses_flash"`` in place of what the script asked for, while ``enable(select_backend=True)``
+    (the launcher's default) is in force under SP, for a model class that can take it (transformers'
+    flash path and AttentionInterface); the inner kernel then follows the request."""
+    sp = STATE.sp
+    if not STATE.select_backend or sp is None or sp.size == 1 or requested == ATTN_IMPLEMENTATION:
+        return requested
+    if not (requested is None or requested in _KERNEL_ASKED):
+        return requested  # a per-sub-model dict or a Hub kernel: the script chose deliberately
+    cls = type(model)
+    if not (getattr(cls, "_supports_flash_attn", False) and getattr(cls, "_supports_attention_backend", False)):
+        return requested
+    if STATE.preferred_kernel is None and requested is not None:
+        STATE.preferred_kernel = _KERNEL_ASKED[requested]
+    STATE.selected_from.add(requested or "default")
+    return ATTN_IMPLEMENTATION
+
+
 def _install_model_hooks() -> None:
     """Keep ``"ulysses_flash"`` on models that would swap it for their own flash kernel, and watch
     every model built with it (:func:`ulysses_attn.guards.watch`)."""
@@ -63,6 +92,7 @@ def _install_model_hooks() -> None:
 
         @functools.wraps(check)
         def _check_and_adjust_attn_implementation(self, attn_implementation, *args, **kwargs):
+            attn_implementation = _selected_backend(self, attn_implementation)
             if attn_implementation != ATTN_IMPLEMENTATION or not getattr(
                 self, "_compatible_flash_implementations", None
             ):

@@ -29,6 +29,9 @@ class Runtime:
     sp: SequenceParallel | None = None
     memory: Any = None  # MemoryOptions set by enable() for every Trainer (None: the defaults)
     forced_kernel: str | None = None
+    preferred_kernel: str | None = None  # the kernel the script's attn_implementation asked for (select_backend)
+    select_backend: bool = False  # enable(select_backend=True): models built under SP use ulysses_flash
+    selected_from: set = field(default_factory=set)  # the attn_implementations select_backend replaced
     layouts: Any = None  # layout.LayoutCache, made on first use
     applied: list = field(default_factory=list)  # patches.Applied records, in application order
     said: set = field(default_factory=set)  # keys of warnings / log lines already given

@@ -112,7 +112,11 @@ def _train_on_cpu_if_no_accelerator() -> None:
     if os.environ.get("ACCELERATE_USE_CPU") is not None:
         return
     os.environ["ACCELERATE_USE_CPU"] = "true"
-    patches.track("accelerate.ACCELERATE_USE_CPU", os.environ, lambda: os.environ.pop("ACCELERATE_USE_CPU", None))
+    patches.track("accelerate.ACCELERATE_USE_CPU", os.environ, lambda: _unset("ACCELERATE_USE_CPU"))
+
+
+def _unset(name: str) -> None:
+    os.environ.pop(name, None)
 
 
 def _init_distributed() -> None:
@@ -131,6 +135,7 @@ def enable(
     long_sequence: bool = False,
     memory: MemoryOptions | None = None,
     transparent: bool | None = None,
+    select_backend: bool = True,
 ) -> SequenceParallel:
     """Initialise sequence parallelism and make HF Trainers use it.
 
@@ -148,6 +153,11 @@ def enable(
     is not a causal LM, MoE router losses) train in transparent mode (:mod:`ulysses_attn.transparent`:
     whole batches, whole logits, any loss exact); ``True`` forces it for every Trainer, ``False``
     refuses such Trainers instead.
+
+    ``select_backend`` (default ``True``): under SP, every model built afterwards whose class can take
+    ``"ulysses_flash"`` gets it, whatever ``attn_implementation`` the script asked for; the inner
+    kernel follows the request (``sdpa`` -> SDPA, ``flash_attention_2/3`` -> flash-attn, ``eager`` ->
+    the reference kernel) unless ``kernel`` forces one. Saved configs keep no trace of it.
     """
     size = resolve_sp_size(sp_size)
     _init_distributed()
@@ -158,6 +168,7 @@ def enable(
         raise ValueError("pass either long_sequence=True or memory=MemoryOptions(...), not both")
     STATE.memory = MemoryOptions.long_sequence() if long_sequence else memory
     STATE.transparent = transparent
+    STATE.select_backend = select_backend
     _patch_trainer()
     patch_trl()
     if sp.size > 1:
@@ -327,6 +338,12 @@ _PATH_NOTES = {
 }
 
 
+def _backend_note() -> str:
+    kernel = STATE.forced_kernel or (f"{STATE.preferred_kernel} (as asked)" if STATE.preferred_kernel else "auto")
+    selected = ", ".join(sorted(STATE.selected_from))
+    return f"kernel {kernel}" + (f"; ulysses_flash selected in place of {selected}" if selected else "")
+
+
 def _announce(trainer, sp: SequenceParallel, path: LossPath) -> None:
     """The one start line of a sequence-parallel Trainer (rank 0, always printed)."""
     options = STATE.memory or MemoryOptions()
@@ -346,7 +363,7 @@ def _announce(trainer, sp: SequenceParallel, path: LossPath) -> None:
     announce_once(
         ("start", type(trainer).__name__, path),
         f"ulysses_attn: sequence parallelism on for {type(trainer).__name__}: SP size {sp.size} x DP size "
-        f"{sp.dp_size} = world {sp.size * sp.dp_size}; kernel {STATE.forced_kernel or 'auto'}; loss path "
+        f"{sp.dp_size} = world {sp.size * sp.dp_size}; {_backend_note()}; loss path "
         f"{path.value} ({_PATH_NOTES[path]}{'; because of ' + why if why else ''}); memory options: "
         f"{', '.join(memory) or 'none'}.",
     )

@@ -107,8 +107,10 @@ def _auto_order(device: torch.device, layout: Layout) -> list[str]:
 
 
 def choose_kernel(device: torch.device, layout: Layout, window=None, softcap=None, dropout=0.0) -> str:
-    """The forced kernel (checked: it must be available and able to run the call), else the first of
-    the automatic order that is available here and supports the window, softcap and dropout."""
+    """The forced kernel (checked: it must be available and able to run the call), else the kernel
+    the script's ``attn_implementation`` asked for where it can run the call (``select_backend``),
+    else the first of the automatic order that is available here and supports the window, softcap
+    and dropout."""
     forced = STATE.forced_kernel or os.environ.get("ULYSSES_ATTN_KERNEL") or None
     if forced:
         if forced not in KERNELS:
@@ -122,6 +124,9 @@ def choose_kernel(device: torch.device, layout: Layout, window=None, softcap=Non
                 f"sliding_window={window}, softcap={softcap}, dropout={dropout}); unset the forced kernel."
             )
         return forced
+    preferred = STATE.preferred_kernel
+    if preferred and KERNELS[preferred].available(device) and _supports(KERNELS[preferred], window, softcap, dropout, device):
+        return preferred
     for name in _auto_order(device, layout):
         k = KERNELS[name]
         if k.available(device) and _supports(k, window, softcap, dropout, device):
