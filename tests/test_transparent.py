@@ -194,9 +194,9 @@ def _select_worker(rank, world, tmp):
     import os
 
     from transformers import AutoModelForCausalLM
+    from zoo import tiny_config
 
     from ulysses_attn.state import STATE
-    from zoo import tiny_config
 
     cfg = tiny_config("llama")
     got = {}

@@ -124,9 +124,9 @@ def choose_kernel(device: torch.device, layout: Layout, window=None, softcap=Non
                 f"sliding_window={window}, softcap={softcap}, dropout={dropout}); unset the forced kernel."
             )
         return forced
-    preferred = STATE.preferred_kernel
-    if preferred and KERNELS[preferred].available(device) and _supports(KERNELS[preferred], window, softcap, dropout, device):
-        return preferred
+    preferred = KERNELS.get(STATE.preferred_kernel or "")
+    if preferred and preferred.available(device) and _supports(preferred, window, softcap, dropout, device):
+        return str(STATE.preferred_kernel)
     for name in _auto_order(device, layout):
         k = KERNELS[name]
         if k.available(device) and _supports(k, window, softcap, dropout, device):
