@@ -38,6 +38,10 @@ SIGNATURES = {
         "transformers:Trainer.__init__",
         ["self", "model", "args", "data_collator", "train_dataset", "eval_dataset", "processing_class"],
     ),
+    "transformers.Trainer.compute_loss": (
+        "transformers:Trainer.compute_loss",
+        ["self", "model", "inputs", "return_outputs", "num_items_in_batch"],
+    ),
     "accelerate.Accelerator.prepare_data_loader": (
         "accelerate:Accelerator.prepare_data_loader",
         ["self", "data_loader"],

@@ -62,10 +62,18 @@ def _train(rank, world, trainer_name, sp_size, options):
 
     ulysses_attn.enable(sp_size=sp_size)
     attn = "ulysses_flash" if sp_size > 1 else "sdpa"
-    rows = preference_data() if trainer_name == "dpo" else text_data()
-    tokenizer = char_tokenizer([v for r in rows for v in r.values()])
+    rows = preference_data() if trainer_name in ("dpo", "reward") else text_data()
+    if trainer_name == "kto":  # desirable and undesirable completions, alternating
+        rows = [{**r, "label": i % 2 == 0} for i, r in enumerate(rows)]
+    tokenizer = char_tokenizer([v for r in rows for v in r.values() if isinstance(v, str)])
     tokenizer.eos_token = tokenizer.pad_token
     model = tiny_model("llama", len(tokenizer), attn, seed=0)
+    if trainer_name == "reward":  # the same tiny Llama with a scalar score head
+        from transformers import AutoModelForSequenceClassification
+
+        torch.manual_seed(0)
+        config = model.config.__class__(**{**model.config.to_dict(), "num_labels": 1, "pad_token_id": 0})
+        model = AutoModelForSequenceClassification.from_config(config, attn_implementation=attn, dtype=torch.float32)
     common = dict(output_dir=f"/tmp/ulysses_trl_{os.getpid()}", per_device_train_batch_size=2, max_steps=3,
                   optim="sgd", learning_rate=0.1, logging_steps=1, report_to=[], use_cpu=True, bf16=False, seed=0,
                   save_strategy="no", gradient_checkpointing=options.get("gradient_checkpointing", False),
@@ -86,6 +94,15 @@ def _train(rank, world, trainer_name, sp_size, options):
         ref_model = tiny_model("llama", len(tokenizer), attn, seed=0) if options.get("ref_model") else None
         trainer = trl.DPOTrainer(model=model, ref_model=ref_model, args=config, train_dataset=dataset,
                                  processing_class=tokenizer, peft_config=peft_config, callbacks=[capture])
+    elif trainer_name == "kto":
+        config = trl.KTOConfig(**common, beta=0.5)
+        ref_model = tiny_model("llama", len(tokenizer), attn, seed=0) if options.get("ref_model") else None
+        trainer = trl.KTOTrainer(model=model, ref_model=ref_model, args=config, train_dataset=dataset,
+                                 processing_class=tokenizer, peft_config=peft_config, callbacks=[capture])
+    elif trainer_name == "reward":
+        config = trl.RewardConfig(**common)
+        trainer = trl.RewardTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                                    peft_config=peft_config, callbacks=[capture])
     else:
         config = trl.SFTConfig(**common, padding_free=options.get("padding_free", False),
                                completion_only_loss=options.get("completion_only_loss"), max_length=None)
@@ -95,8 +112,11 @@ def _train(rank, world, trainer_name, sp_size, options):
     base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
     base.model.layers[0].register_forward_pre_hook(lambda m, a, kw: seen.append((a[0] if a else kw["hidden_states"]).shape[1]), with_kwargs=True)
     trainer.train()
+    from ulysses_attn.integrations.trainer import trainer_loss_path
+
+    path = trainer_loss_path(trainer).value
     trained = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
-    return {"logs": trainer.state.log_history, "grads": capture.first, "weights": trained, "longest": max(seen)}
+    return {"logs": trainer.state.log_history, "grads": capture.first, "weights": trained, "longest": max(seen), "path": path}
 
 
 def _compare(sp_size, trainer_name, options, world=None, tmp=None):
@@ -118,6 +138,7 @@ def _compare(sp_size, trainer_name, options, world=None, tmp=None):
     for n, w in ref["weights"].items():
         assert ((sp["weights"][n] - w).norm() / w.norm()).item() < RTOL_WEIGHTS, n
     assert sp["longest"] <= -(-ref["longest"] // sp_size), "decoder layers must see only the local shard"
+    keys.add(f"path={sp['path']}")
     return keys
 
 
@@ -140,6 +161,14 @@ def test_dpo_hinge_plus_sft_precomputed_reference_p4(tmp_path):
 
 def test_dpo_sp2_times_dp2_with_grad_accum():
     _compare(2, "dpo", {"grad_accum": 2, "ref_model": True}, world=4)
+
+
+@pytest.mark.parametrize("name", ["kto", "reward"])
+def test_kto_and_reward_trainers_transparent_p2(name):
+    # their compute_loss is their own: transparent mode (whole batches and logits), exact
+    keys = _compare(2, name, {"ref_model": name == "kto"})  # KTO's reference model is made transparent too
+    assert "path=transparent" in keys and "loss" in keys
+    assert ("kl" in keys) if name == "kto" else ({"accuracy", "margin"} <= keys)
 
 
 def test_sft_padded_completion_only_p2():

@@ -197,6 +197,15 @@ PATCHES: dict[str, Patch] = {
             "tests/test_transparent.py::test_compute_loss_func_and_label_smoothing_sp2_equal_plain",
         ),
         _p(
+            "transformers.Trainer.compute_loss",
+            "transformers",
+            _HF,
+            "transparent mode: the models a trainer sets up after __init__ (TRL's reference models) are made "
+            "transparent before each loss",
+            "a Trainer hook after the subclass's __init__",
+            "tests/test_trl.py::test_kto_and_reward_trainers_transparent_p2",
+        ),
+        _p(
             "transformers.GradientCheckpointingLayer._gradient_checkpointing_func",
             "transformers",
             _HF,

@@ -296,8 +296,7 @@ def attach(trainer, sp: SequenceParallel | None = None) -> None:
     for m in models:  # a model switched to ulysses_flash after it was built was not watched at post_init
         guards.watch(m)
     if path is LossPath.TRANSPARENT:
-        for m in models:
-            make_transparent(m, sp)
+        _transparent_models_of(trainer, sp)
     # transparent mode and TRL's fused-head trainers keep whole batches and shard inside the forward
     sharded_inputs = path not in (LossPath.TRANSPARENT, LossPath.TRL_FUSED_HEAD)
     _announce(trainer, sp, path)
@@ -313,6 +312,32 @@ def attach(trainer, sp: SequenceParallel | None = None) -> None:
     patches.replace(
         "transformers.Trainer.gather_function", trainer, "gather_function", trainer.accelerator.gather_for_metrics
     )
+
+
+def _transparent_models_of(trainer, sp: SequenceParallel) -> None:
+    """Make every ``ulysses_flash`` model the trainer holds transparent (its model, and a reference
+    model or any other module it keeps as an attribute), now and before each loss: trainers such as
+    TRL's set their reference model up after ``Trainer.__init__`` returns."""
+    import torch
+
+    seen: set[int] = set()
+
+    def scan() -> None:
+        for value in list(vars(trainer).values()):
+            if isinstance(value, torch.nn.Module) and id(value) not in seen:
+                seen.add(id(value))
+                for m in _outermost(ulysses_models(value)):
+                    make_transparent(m, sp)
+
+    scan()
+    compute_loss = trainer.compute_loss
+
+    @functools.wraps(compute_loss)
+    def compute_loss_with_transparent_models(*args, **kwargs):
+        scan()
+        return compute_loss(*args, **kwargs)
+
+    patches.replace("transformers.Trainer.compute_loss", trainer, "compute_loss", compute_loss_with_transparent_models)
 
 
 def _refuse_single_process_trainer(trainer, sp: SequenceParallel) -> None:
