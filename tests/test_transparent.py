@@ -233,3 +233,12 @@ def test_models_built_under_sp_get_ulysses_flash_and_save_without_it(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[0] == "sdpa"
+
+
+def test_compute_loss_func_sp2_times_dp2_equals_ddp2(tmp_path, baselines):
+    from test_trainer import assert_same_training, run
+
+    ref = baselines("ddp2-loss_func", nproc=2, extra=["--eval", "--loss_func"])
+    sp_run = run(tmp_path, nproc=4, sp=2, extra=["--eval", "--loss_func"])
+    assert sp_run[0]["world_size"] == 4 and sp_run[0]["loss_path"] == "transparent"
+    assert_same_training(sp_run, ref, 2)

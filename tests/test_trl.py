@@ -57,6 +57,11 @@ def _grads_callback():
     return Capture()
 
 
+def _reward_vowels(completions, **kwargs):
+    """A deterministic reward: the share of vowels in each completion."""
+    return [sum(c in "aeiou" for c in text) / max(len(text), 1) for text in completions]
+
+
 def _train(rank, world, trainer_name, sp_size, options):
     from peft import LoraConfig
 
@@ -214,3 +219,24 @@ def test_trl_trainer_with_too_old_trl_is_refused(monkeypatch, caplog):
     assert "needs trl>=1.16" in caplog.text
     with pytest.raises(NotImplementedError, match=r"needs trl>=1\.16 .*found trl 1\.15\.0"):
         integration.attach(trl.SFTTrainer.__new__(trl.SFTTrainer))
+
+
+def _grpo_worker(rank, world):
+    ulysses_attn.enable(sp_size=world)
+    tokenizer = char_tokenizer(WORDS)
+    config = trl.GRPOConfig(output_dir=f"/tmp/ulysses_grpo_{os.getpid()}", per_device_train_batch_size=2,
+                            num_generations=2, generation_batch_size=4, max_completion_length=4, use_cpu=True,
+                            report_to=[], beta=0.0)
+    dataset = datasets.Dataset.from_list([{"prompt": w} for w in WORDS])
+    try:
+        trl.GRPOTrainer(model=tiny_model("llama", len(tokenizer), "ulysses_flash", seed=0), reward_funcs=_reward_vowels,
+                        args=config, train_dataset=dataset, processing_class=tokenizer)
+    except NotImplementedError as e:
+        return str(e)
+    return None
+
+
+def test_grpo_is_refused_under_sp():
+    # online trainers count processes where SP ranks share a batch: refused, never a different number
+    for error in run_distributed(_grpo_worker, 2):
+        assert error and "GRPOTrainer generates completions" in error and "sp_size=1" in error

@@ -277,6 +277,7 @@ def attach(trainer, sp: SequenceParallel | None = None) -> None:
             f"Sequence parallelism with TRL trainers needs trl>=1.16 (its fused LM head); found trl {trl.__version__}. "
             "Upgrade TRL, or train with transformers.Trainer."
         )
+    _refuse_online_trl_trainers(trainer)
     sp = sp or get_sequence_parallel()
     args = trainer.args
     if getattr(args, "train_sampling_strategy", None) == "batch_rebalance":
@@ -338,6 +339,35 @@ def _transparent_models_of(trainer, sp: SequenceParallel) -> None:
         return compute_loss(*args, **kwargs)
 
     patches.replace("transformers.Trainer.compute_loss", trainer, "compute_loss", compute_loss_with_transparent_models)
+
+
+# TRL trainers that generate during training: their batch sizes, sampler and gathers of completions
+# and rewards count processes, where under SP the P ranks of a group share one batch.
+_ONLINE_TRL_TRAINERS = (
+    "GRPOTrainer",
+    "RLOOTrainer",
+    "OnlineDPOTrainer",
+    "DistillationTrainer",
+    "GKDTrainer",
+    "NashMDTrainer",
+    "XPOTrainer",
+    "PPOTrainer",
+)
+
+
+def _refuse_online_trl_trainers(trainer) -> None:
+    online = [
+        c.__name__
+        for c in type(trainer).__mro__
+        if c.__module__.startswith("trl") and c.__name__ in _ONLINE_TRL_TRAINERS
+    ]
+    if online:
+        raise NotImplementedError(
+            f"ulysses_attn: {online[0]} generates completions during training, and its batch sizes, sampler and "
+            "gathers of completions and rewards count processes, where under sequence parallelism the ranks of an SP "
+            "group share one batch: it would not train as without SP. It is not supported yet; train it without "
+            "sequence parallelism (sp_size=1)."
+        )
 
 
 def _refuse_single_process_trainer(trainer, sp: SequenceParallel) -> None:
