@@ -207,18 +207,23 @@ def test_options_needing_full_logits_raise_under_sp():
         assert r["error"] and "fused LM head" in r["error"] and "label smoothing" in r["error"]
 
 
-def test_trl_trainer_with_too_old_trl_is_refused(monkeypatch, caplog):
-    # an older TRL has no fused LM head: its trainers would train on shards with full-sequence metrics
+def test_trl_trainer_with_too_old_trl_trains_transparent(monkeypatch, caplog):
+    # an older TRL has no fused LM head: its trainers' own compute_loss reads the full logits, so
+    # they take transparent mode (whole batches and logits), never the shards
     import ulysses_attn.integrations.trainer as integration
     import ulysses_attn.integrations.trl as trl_integration
 
     monkeypatch.setattr(trl, "__version__", "1.15.0")
     assert not trl_integration.trl_supported() and trl_integration.fused_trainer_classes() == ()
-    with caplog.at_level("WARNING", logger="ulysses_attn"):
+    with caplog.at_level("INFO", logger="ulysses_attn"):
         trl_integration.patch_trl()
-    assert "needs trl>=1.16" in caplog.text
-    with pytest.raises(NotImplementedError, match=r"needs trl>=1\.16 .*found trl 1\.15\.0"):
-        integration.attach(trl.SFTTrainer.__new__(trl.SFTTrainer))
+    assert "transparent mode" in caplog.text
+    trainer = trl.SFTTrainer.__new__(trl.SFTTrainer)
+    trainer.model, trainer.compute_loss_func, trainer.label_smoother = tiny_model("llama", 40, "ulysses_flash", 0), None, None
+    assert integration.full_logits_needed(trainer) == "SFTTrainer.compute_loss (a loss of its own)"
+    assert ulysses_attn.loss.loss_path(trainer.model, chunked_loss=True, sp_size=2,
+                                       full_logits_needed=integration.full_logits_needed(trainer)).value == "transparent"
+
 
 
 def _grpo_worker(rank, world):

@@ -42,7 +42,7 @@ from ..state import STATE, announce_once
 from ..transparent import make_transparent
 from .accelerate import install_metrics_gather, shard_dataloaders_over_dp_groups
 from .deepspeed import reconcile_sequence_parallel_size
-from .trl import fused_trainer_classes, is_trl_trainer, patch_trl, trl_supported
+from .trl import fused_trainer_classes, patch_trl
 
 logger = logging.getLogger("ulysses_attn")
 
@@ -270,13 +270,6 @@ def _set_arg(trainer, record: str, name: str, value) -> None:
 
 def attach(trainer, sp: SequenceParallel | None = None) -> None:
     """Make one Trainer instance sequence-parallel (``enable`` does this for every new Trainer)."""
-    if is_trl_trainer(trainer) and not trl_supported():
-        import trl
-
-        raise NotImplementedError(
-            f"Sequence parallelism with TRL trainers needs trl>=1.16 (its fused LM head); found trl {trl.__version__}. "
-            "Upgrade TRL, or train with transformers.Trainer."
-        )
     _refuse_online_trl_trainers(trainer)
     sp = sp or get_sequence_parallel()
     args = trainer.args

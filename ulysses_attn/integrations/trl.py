@@ -53,10 +53,6 @@ def trl_supported() -> bool:
     return Version(trl.__version__) >= Version("1.16.0")
 
 
-def is_trl_trainer(trainer) -> bool:
-    return any(cls.__module__.split(".")[0] == "trl" for cls in type(trainer).__mro__)
-
-
 def fused_trainer_classes() -> tuple[type, ...]:
     """TRL trainer classes that score through the fused LM head (empty without a supported TRL)."""
     if not trl_supported():
@@ -122,8 +118,9 @@ def patch_trl() -> None:
     except ImportError:
         return
     if not trl_supported():
-        logger.warning(
-            "ulysses_attn: trl %s has no fused LM head; TRL trainers cannot be sequence-parallel (needs trl>=1.16).",
+        logger.info(
+            "ulysses_attn: trl %s has no fused LM head; its trainers train in transparent mode under SP "
+            "(whole logits on every rank; trl>=1.16 shards SFT / DPO's LM head too).",
             trl.__version__,
         )
         return
