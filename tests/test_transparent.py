@@ -205,6 +205,14 @@ def _select_worker(rank, world, tmp):
         model = AutoModelForCausalLM.from_config(cfg, attn_implementation=asked)
         got[asked] = model.config._attn_implementation
     got["kernel"] = STATE.preferred_kernel  # the first request, sdpa
+    ids = make_batch("plain")["input_ids"]
+    try:  # a loop of the script's own: nothing shards the inputs of a model the launcher switched
+        model(input_ids=ids)
+        got["unprepared"] = None
+    except RuntimeError as e:
+        got["unprepared"] = str(e)
+    make_transparent(model, ulysses_attn.get_sequence_parallel())
+    got["transparent_logits"] = tuple(model(input_ids=ids).logits.shape)
     if rank == 0:
         model.save_pretrained(tmp)
     with open(os.path.join(tmp, "config.json")) if rank == 0 else open(os.devnull) as f:
@@ -222,6 +230,8 @@ def test_models_built_under_sp_get_ulysses_flash_and_save_without_it(tmp_path):
     r = run_distributed(_select_worker, 2, str(tmp_path))[0]
     assert r["sdpa"] == r["eager"] == r[None] == "ulysses_flash" and r["kernel"] == "sdpa"
     assert r["kept"] == "sdpa"
+    assert r["unprepared"] and "runs outside a Trainer" in r["unprepared"] and "make_transparent" in r["unprepared"]
+    assert r["transparent_logits"] == (1, 30, 96)
     assert r["saved"] and "ulysses" not in r["saved"]
     # the saved model loads and runs where the package was never imported
     code = (

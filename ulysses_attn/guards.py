@@ -176,6 +176,7 @@ def _first_sp_forward(model: torch.nn.Module, args, kwargs) -> None:
             f"ulysses_flash: {type(model).__name__} has no transformers decoder layers (GradientCheckpointingLayer), "
             f"so the package cannot check that it mixes tokens only in attention. {_advice(model)}"
         )
+    refuse_unprepared_selected_model(model)
     refuse_token_mixing(model)
     if not getattr(model, "_supports_attention_backend", False):
         raise NotImplementedError(
@@ -206,6 +207,24 @@ def _first_sp_forward(model: torch.nn.Module, args, kwargs) -> None:
 
     patches.track(_LAYER_WATCH, model, remove_watchers)
     STATE.checking_models.update(members)
+
+
+def refuse_unprepared_selected_model(model: torch.nn.Module) -> None:
+    """A model that got ``"ulysses_flash"`` from ``select_backend`` (the launcher), not from the
+    script, runs correctly only where the package shards its inputs: a Trainer, TRL's fused head,
+    :func:`ulysses_attn.make_transparent`. Called directly (a training loop of the script's own) it
+    would get the whole sequence on every rank as if each held a shard: refuse."""
+    members = list(model.modules())
+    selected = any(m in STATE.selected_models for m in members)
+    if selected and not any(m in STATE.prepared_models for m in members):
+        raise RuntimeError(
+            f"ulysses_flash: {type(model).__name__} was given attn_implementation='ulysses_flash' by the launcher "
+            "(select_backend), but it runs outside a Trainer, so nothing shards its inputs along the sequence: every "
+            "rank would feed the whole sequence as if it were its shard. Call ulysses_attn.make_transparent(model, "
+            "ulysses_attn.get_sequence_parallel()) for whole batches, or build the model with "
+            "attn_implementation='ulysses_flash' yourself and shard its inputs with ulysses_attn.shard_batch, or "
+            "launch with --keep-attn-implementation."
+        )
 
 
 def refuse_masks_it_cannot_take(model: torch.nn.Module) -> None:

@@ -78,7 +78,7 @@ def loss_path(
     if sp_size > 1 and full_logits_needed:
         raise NotImplementedError(
             f"ulysses_attn: {full_logits_needed} needs the full-sequence logits, and transparent mode (which gives "
-            "them) is turned off (enable(transparent=False) / --no-transparent). Under sequence parallelism this loss "
+            "them) is turned off (enable(transparent=False) / --transparent off). Under sequence parallelism this loss "
             "would see only this rank's shard. Turn transparent mode back on (the default) or drop the option."
         )
     if trl_fused_head:

@@ -79,6 +79,7 @@ def _selected_backend(model, requested):
     if STATE.preferred_kernel is None and requested is not None:
         STATE.preferred_kernel = _KERNEL_ASKED[requested]
     STATE.selected_from.add(requested or "default")
+    STATE.selected_models.add(model)
     return ATTN_IMPLEMENTATION
 
 

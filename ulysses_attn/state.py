@@ -42,6 +42,8 @@ class Runtime:
     attention_calls: int = 0  # calls of the ulysses_flash function (guards: did a layer attend?)
     checked_models: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # guards passed a SP forward
     checking_models: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # guards watching a SP forward
+    selected_models: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # given ulysses_flash by select_backend
+    prepared_models: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # whose inputs the package shards
 
 
 STATE = Runtime()

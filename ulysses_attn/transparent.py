@@ -91,6 +91,7 @@ def make_transparent(model: torch.nn.Module, sp: SequenceParallel) -> None:
 
     patches.replace(_RECORD, backbone, "forward", forward)
     vars(backbone)["_ulysses_transparent"] = True
+    STATE.prepared_models.add(model)
     patches.track("ulysses_attn.model_attributes", backbone, lambda: vars(backbone).pop("_ulysses_transparent", None))
 
 

@@ -289,6 +289,7 @@ def attach(trainer, sp: SequenceParallel | None = None) -> None:
     heads = _causal_lm_heads(trainer.model)
     for m in models:  # a model switched to ulysses_flash after it was built was not watched at post_init
         guards.watch(m)
+        STATE.prepared_models.add(m)  # the Trainer shards its inputs (or makes it transparent below)
     if path is LossPath.TRANSPARENT:
         _transparent_models_of(trainer, sp)
     # transparent mode and TRL's fused-head trainers keep whole batches and shard inside the forward

@@ -32,6 +32,7 @@ from ..data import shard_batch
 from ..groups import get_sequence_parallel
 from ..labels import shift_labels as full_sequence_shift
 from ..models import ATTN_IMPLEMENTATION
+from ..state import STATE
 from ..transparent import is_transparent
 
 logger = logging.getLogger("ulysses_attn")
@@ -99,6 +100,7 @@ def sequence_parallel_fused_forward(model: torch.nn.Module) -> None:
         return out
 
     patches.replace("trl.fused_lm_head.forward", model, "forward", forward)
+    STATE.prepared_models.add(model)
 
 
 def _wrap_add_fused_lm_head(original):
