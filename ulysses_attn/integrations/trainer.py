@@ -39,7 +39,7 @@ from ..loss import LossPath, causal_lm_loss, loss_path
 from ..memory import MemoryOptions, configure_memory
 from ..models import ulysses_models, uses_ulysses
 from ..state import STATE, announce_once
-from ..transparent import make_transparent
+from ..transparent import is_transparent, make_transparent
 from .accelerate import install_metrics_gather, shard_dataloaders_over_dp_groups
 from .deepspeed import reconcile_sequence_parallel_size
 from .trl import fused_trainer_classes, patch_trl
@@ -250,7 +250,8 @@ def trainer_loss_path(trainer, options: MemoryOptions | None = None) -> LossPath
         chunked_loss=chunked,
         trl_fused_head=isinstance(trainer, fused_trainer_classes()),
         full_logits_needed=full_logits_needed(trainer),
-        transparent=STATE.transparent,
+        # a model made transparent by the script takes whole batches: sharding them first would cut twice
+        transparent=True if any(is_transparent(m) for m in heads) else STATE.transparent,
     )
 
 
