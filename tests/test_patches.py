@@ -42,6 +42,11 @@ SIGNATURES = {
         "transformers:Trainer.compute_loss",
         ["self", "model", "inputs", "return_outputs", "num_items_in_batch"],
     ),
+    "transformers.Trainer.floating_point_ops": ("transformers:Trainer.floating_point_ops", ["self", "inputs"]),
+    "accelerate.utils.deepspeed.HfDeepSpeedConfig.__init__": (
+        "accelerate.utils.deepspeed:HfDeepSpeedConfig.__init__",
+        ["self", "config_file_or_dict"],
+    ),
     "accelerate.Accelerator.prepare_data_loader": (
         "accelerate:Accelerator.prepare_data_loader",
         ["self", "data_loader"],

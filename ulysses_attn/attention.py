@@ -210,8 +210,8 @@ def ulysses_flash_attention(
 
 def ulysses_flash_mask(
     batch_size: int,
-    q_length: int,
-    kv_length: int,
+    q_length: int | None = None,  # transformers < 5.3 passes cache_position (in kwargs) instead
+    kv_length: int | None = None,
     q_offset: int = 0,
     kv_offset: int = 0,
     mask_function=None,
@@ -223,6 +223,6 @@ def ulysses_flash_mask(
     Unlike the stock flash mask it never drops an all-ones mask, so that every rank of an SP group
     takes the same path (a shard without padding must not skip a collective its peers run).
     """
-    if attention_mask is None:
-        return None
+    if attention_mask is None or kv_length is None:
+        return attention_mask
     return attention_mask[:, -kv_length:]

@@ -316,6 +316,24 @@ PATCHES: dict[str, Patch] = {
             kind="tracked",
         ),
         _p(
+            "transformers.Trainer.floating_point_ops",
+            "transformers",
+            _HF,
+            "every rank of an SP group holds the whole batch in transparent mode and TRL's fused-head path; "
+            "the Trainer sums the ranks' counts into total_flos",
+            "a per-process share in the Trainer's FLOP count",
+            "tests/test_llamafactory.py::test_dpo_lora_zero3_sp2_equals_no_sp",
+        ),
+        _p(
+            "accelerate.utils.deepspeed.HfDeepSpeedConfig.__init__",
+            "accelerate",
+            _ACC,
+            "a DeepSpeed config with sequence_parallel_size that a script loads before its model (TrainingArguments "
+            "first, as LLaMA-Factory does) reaches deepspeed.zero.Init in from_pretrained before any Trainer exists",
+            "a hook on DeepSpeed configs as transformers / accelerate load them",
+            "tests/test_deepspeed.py::test_deepspeed_configs_loaded_after_enable_drop_the_sp_key",
+        ),
+        _p(
             "deepspeed.utils.set_z3_leaf_module",
             "deepspeed",
             ">=0.16,<1",
@@ -513,6 +531,17 @@ def is_replaced(owner: Any, attr: str) -> bool:
 def restore(owner: Any, attr: str) -> bool:
     """Undo the replacements of ``owner.attr`` in force; returns whether there were any."""
     entries = [e for e in STATE.applied if _matches(e, owner, attr)]
+    found = any(e.in_force() for e in entries)
+    for entry in reversed(entries):
+        entry.revert()
+        _remove(entry)
+    return found
+
+
+def undo(name: str) -> bool:
+    """Undo the changes of record ``name`` in force (before :func:`undo_all`); returns whether
+    there were any."""
+    entries = [e for e in STATE.applied if e.patch.target == name]
     found = any(e.in_force() for e in entries)
     for entry in reversed(entries):
         entry.revert()

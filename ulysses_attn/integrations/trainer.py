@@ -41,7 +41,8 @@ from ..models import ulysses_models, uses_ulysses
 from ..state import STATE, announce_once
 from ..transparent import is_transparent, make_transparent
 from .accelerate import install_metrics_gather, shard_dataloaders_over_dp_groups
-from .deepspeed import reconcile_sequence_parallel_size
+from .deepspeed import reconcile_new_deepspeed_configs, reconcile_sequence_parallel_size
+from .fsdp import fsdp_note, parallelism_config_of, refuse_conflicting_parallelism
 from .trl import fused_trainer_classes, patch_trl
 
 logger = logging.getLogger("ulysses_attn")
@@ -170,6 +171,7 @@ def enable(
     STATE.transparent = transparent
     STATE.select_backend = select_backend
     _patch_trainer()
+    reconcile_new_deepspeed_configs(sp.size)
     patch_trl()
     if sp.size > 1:
         logger.info("ulysses_attn: sequence parallel size %d, data parallel size %d", sp.size, sp.dp_size)
@@ -202,6 +204,10 @@ def _patch_trainer() -> None:
 
     @functools.wraps(original)
     def __init__(self, *args, **kwargs):
+        sp = get_sequence_parallel()
+        if sp is not None:  # before accelerate builds a device mesh of its own
+            training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+            refuse_conflicting_parallelism(parallelism_config_of(training_args), sp.size)
         original(self, *args, **kwargs)
         sp = get_sequence_parallel()
         if sp is None or (sp.size == 1 and STATE.memory is None):
@@ -303,11 +309,26 @@ def attach(trainer, sp: SequenceParallel | None = None) -> None:
             pad = getattr(trainer.processing_class, "pad_token_id", None)
             collator = UlyssesCollator(trainer.data_collator, pad_token_id=pad, sp=sp)
             patches.replace("transformers.Trainer.data_collator", trainer, "data_collator", collator)
+    else:
+        _count_flos_once_per_group(trainer, sp)
     shard_dataloaders_over_dp_groups(trainer.accelerator, sp)
     install_metrics_gather(trainer.accelerator, sp, sharded_inputs)
     patches.replace(
         "transformers.Trainer.gather_function", trainer, "gather_function", trainer.accelerator.gather_for_metrics
     )
+
+
+def _count_flos_once_per_group(trainer, sp: SequenceParallel) -> None:
+    """Every rank of an SP group holds the whole batch (transparent / TRL fused head), and the
+    Trainer sums the ranks' ``floating_point_ops``: each counts its 1/P share, so that
+    ``total_flos`` is the non-SP one."""
+    count = trainer.floating_point_ops
+
+    @functools.wraps(count)
+    def floating_point_ops(inputs):
+        return count(inputs) / sp.size
+
+    patches.replace("transformers.Trainer.floating_point_ops", trainer, "floating_point_ops", floating_point_ops)
 
 
 def _transparent_models_of(trainer, sp: SequenceParallel) -> None:
@@ -410,12 +431,13 @@ def _announce(trainer, sp: SequenceParallel, path: LossPath) -> None:
     why = full_logits_needed(trainer) if path is LossPath.TRANSPARENT else None
     if path is LossPath.TRANSPARENT:
         why = why or "forced by enable(transparent=True) / --transparent"
+    fsdp = fsdp_note(trainer)
     announce_once(
         ("start", type(trainer).__name__, path),
         f"ulysses_attn: sequence parallelism on for {type(trainer).__name__}: SP size {sp.size} x DP size "
         f"{sp.dp_size} = world {sp.size * sp.dp_size}; {_backend_note()}; loss path "
         f"{path.value} ({_PATH_NOTES[path]}{'; because of ' + why if why else ''}); memory options: "
-        f"{', '.join(memory) or 'none'}.",
+        f"{', '.join(memory) or 'none'}{'; ' + fsdp if fsdp else ''}.",
     )
 
 
