@@ -42,10 +42,10 @@ def char_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
 
 
-def tiny_model(arch: str, vocab_size: int, attn: str, seed: int):
+def tiny_model(arch: str, vocab_size: int, attn: str, seed: int, tie: bool = False):
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
-                  use_cache=False)
+                  use_cache=False, tie_word_embeddings=tie)
     config = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch](**common)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
@@ -59,6 +59,11 @@ def save_log_history(trainer, output_dir: str) -> None:
             json.dump(trainer.state.log_history, f, indent=1)
 
 
+def base_model(model):
+    """The transformers model under a peft adapter (the model itself without one)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 class LongestSequenceSeen(TrainerCallback):
     """Records the longest sequence any decoder layer processed, the most token rows a decoder MLP's
     down projection and (with ``head=True``) the LM head in training processed in one call (plain
@@ -66,6 +71,7 @@ class LongestSequenceSeen(TrainerCallback):
 
     def __init__(self, model, head: bool = False):
         self.longest = self.head_rows = self.mlp_rows = 0
+        model = base_model(model)
         layers = model.model.layers if hasattr(model, "model") else []
         for layer in layers:
             layer.register_forward_pre_hook(self._hook, with_kwargs=True)
@@ -104,7 +110,8 @@ def selective_checkpointing(model) -> tuple[int, int]:
     selective = sys.modules.get("ulysses_attn.selective_checkpoint")
     if selective is None:
         return 0, 0
-    return sum(map(selective.keeps_attention_outputs, model.model.layers)), selective.replayed_attention_outputs()
+    layers = base_model(model).model.layers
+    return sum(map(selective.keeps_attention_outputs, layers)), selective.replayed_attention_outputs()
 
 
 def loss_path(trainer) -> str | None:
@@ -122,6 +129,45 @@ def compiled_graphs() -> int:
     return int(dynamo.counters["stats"]["unique_graphs"]) if dynamo else 0
 
 
+def local_numel(param) -> int:
+    """Elements of a parameter this rank holds: its FSDP2 shard (DTensor), its ZeRO-3 partition, or all."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(param, DTensor):
+        return param.to_local().numel()
+    partition = getattr(param, "ds_tensor", None)  # DeepSpeed ZeRO-3
+    return partition.numel() if partition is not None else param.numel()
+
+
+def parallelism_facts(trainer) -> dict:
+    """How the trained model was distributed, seen from this rank: accelerate's distributed type, the
+    FSDP version, how many modules are FSDP2 units (``FSDPModule``), how many parameters are DTensors,
+    and the fraction of the model's parameter elements this rank holds (1.0 when every rank holds
+    the whole model, as under DDP; about 1/world when FSDP2 shards it over the world)."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    model, base = trainer.model_wrapped, base_model(trainer.model)
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    for module in model.modules():  # the root FSDP2 unit keeps its parameters gathered after a forward
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    named = list(model.named_parameters())
+    params = [p for _, p in named]
+    local = sum(local_numel(p) for p in params)
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in params)  # ZeRO-3: ds_numel, the full size
+    return {
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        "fsdp_version": getattr(plugin, "fsdp_version", None),
+        "fsdp_modules": sum(isinstance(m, FSDPModule) for m in model.modules()),
+        "dtensor_parameters": sum(isinstance(p, DTensor) for p in params),
+        "parameters": len(params),
+        "not_dtensor": [n for n, p in named if not isinstance(p, DTensor)],
+        "local_parameter_fraction": local / total if total else None,
+        "embeddings_tied": base.get_output_embeddings().weight is base.get_input_embeddings().weight,
+    }
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--output_dir", required=True)
@@ -135,6 +181,7 @@ def main():
     p.add_argument("--batch_size", type=int, default=2)
     p.add_argument("--grad_accum", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping threshold")
     p.add_argument("--eval", action="store_true")
     p.add_argument("--record_head_rows", action="store_true", help="hook the LM head to record its rows per call")
     p.add_argument("--save_steps", type=int, default=0, help="save a checkpoint every N steps (0: never)")
@@ -144,6 +191,10 @@ def main():
     p.add_argument("--label_smoothing", type=float, default=0.0, help="TrainingArguments(label_smoothing_factor=...)")
     p.add_argument("--loss_func", action="store_true", help="a compute_loss_func of the script's own, from the logits")
     p.add_argument("--no_use_cpu", action="store_true", help="leave use_cpu off even without a GPU")
+    p.add_argument("--fsdp", action="store_true", help="TrainingArguments(fsdp=True), set up by --fsdp_config")
+    p.add_argument("--fsdp_config", default=None, help="TrainingArguments(fsdp_config=...): a JSON file")
+    p.add_argument("--lora", action="store_true", help="train a LoRA adapter (peft, dropout 0) instead of all weights")
+    p.add_argument("--tie_embeddings", action="store_true", help="tiny model with the LM head tied to the embedding")
     args = p.parse_args()
 
     texts = [json.loads(line)["text"] for line in open(args.data)]
@@ -152,7 +203,12 @@ def main():
         model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, attn_implementation=args.attn)
     else:
         tokenizer = char_tokenizer(texts)
-        model = tiny_model(args.arch, len(tokenizer), args.attn, args.seed)
+        model = tiny_model(args.arch, len(tokenizer), args.attn, args.seed, tie=args.tie_embeddings)
+    if args.lora:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
+        model = get_peft_model(model, lora)
 
     def encode(text):
         ids = tokenizer(text, truncation=True, max_length=args.max_length)["input_ids"]
@@ -172,7 +228,7 @@ def main():
         per_device_eval_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum,
         learning_rate=args.lr,
-        max_grad_norm=1.0,
+        max_grad_norm=args.max_grad_norm,
         logging_steps=1,
         eval_strategy="steps" if args.eval else "no",
         eval_steps=2,
@@ -184,12 +240,15 @@ def main():
         dataloader_num_workers=0,
         torch_compile=args.torch_compile,
         label_smoothing_factor=args.label_smoothing,
+        fsdp=args.fsdp or None,
+        fsdp_config=args.fsdp_config,
     )
     seen = LongestSequenceSeen(model, head=args.record_head_rows)
     trainer = Trainer(model=model, args=training_args, train_dataset=train,
                       eval_dataset=evaluation if args.eval else None, data_collator=collator, callbacks=[seen],
                       compute_loss_func=token_weighted_loss if args.loss_func else None)
     trainer.train(resume_from_checkpoint=True if args.resume else None)
+    parallelism = parallelism_facts(trainer)
     state = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # collective: gathers ZeRO-3 shards
     selective_layers, skipped_attention = selective_checkpointing(trainer.model)
     ds_utils = sys.modules.get("deepspeed.utils")  # imported by the Trainer when DeepSpeed runs
@@ -207,7 +266,7 @@ def main():
                        "zero3_leaf_modules": zero3_leaves,
                        "compiled_graphs": compiled_graphs(),
                        "loss_path": loss_path(trainer),
-                       "world_size": training_args.world_size}, f, indent=1)
+                       "world_size": training_args.world_size, "parallelism": parallelism}, f, indent=1)
 
 
 if __name__ == "__main__":

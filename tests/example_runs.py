@@ -32,6 +32,7 @@ def run_example(
     launch_flags=(),
     env=None,
     attn="ulysses_flash",
+    accelerate_config=None,
 ):
     """Run examples/sft_trainer.py; return (result.json contents, final weights). Raises with the
     tail of the logs on failure.
@@ -41,7 +42,9 @@ def run_example(
     ``deepspeed_config``: a DeepSpeed JSON, launched through ``accelerate launch --use_deepspeed``.
     ``launch_flags``: more ``ulysses_attn.launch`` options (e.g. ``--long-sequence``); ``env``: extra
     environment variables. ``attn``: the script's ``--attn`` under SP (``None``: the script's default,
-    sdpa, which the launcher replaces with ulysses_flash).
+    sdpa, which the launcher replaces with ulysses_flash). ``accelerate_config``: an accelerate config
+    file, launched through ``accelerate launch --config_file``. The run's stderr is kept in
+    ``out_dir/stderr.txt`` (the start line of ulysses_attn is printed there).
     """
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     if not torch.cuda.is_available():
@@ -52,7 +55,9 @@ def run_example(
         script = ["-m", "ulysses_attn.launch", *size, *launch_flags, *script, *(["--attn", attn] if attn else [])]
     accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
     machine = ["--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no"]
-    if deepspeed_config is not None:
+    if accelerate_config is not None:
+        cmd = [*accelerate, f"--config_file={accelerate_config}", f"--num_processes={nproc}", *script]
+    elif deepspeed_config is not None:
         cmd = [
             *accelerate,
             "--use_deepspeed",
@@ -70,6 +75,9 @@ def run_example(
     else:
         raise ValueError(f"unknown launcher {launcher!r}")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "stderr.txt"), "w") as f:
+        f.write(proc.stderr)
     if proc.returncode != 0 and not _finished_then_aborted_at_exit(proc, out_dir):
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     with open(os.path.join(out_dir, "result.json")) as f:

@@ -1,0 +1,203 @@
+"""PyTorch FSDP2 beside Ulysses SP through the HF Trainer (CPU, gloo, fp32): the unchanged example
+script, launched with ``-m ulysses_attn.launch --sp-size 2`` and FSDP2 from ``TrainingArguments``
+(``fsdp=True, fsdp_config=examples/fsdp/fsdp2.json``) or from an accelerate config
+(``examples/fsdp/accelerate_fsdp2.yaml``, ``fsdp_version: 2``), ends with the logged losses, grad
+norms (clipped at 1.0: the norms are above it), eval losses and final weights of the run without SP
+(one process; DDP on 2 processes for SP 2 x DP 2). Every SP run also shows that its decoder layers
+saw S/P tokens and that the model really was FSDP2 (``FSDPModule`` units, DTensor parameters, each
+rank holding 1/world of the parameter elements), not DDP.
+
+accelerate drops FSDP on a machine without GPUs (``use_cpu`` -> ``MULTI_CPU``, plugin ignored):
+``tests/fsdp_cpu/sitecustomize.py`` is a test-only shim that keeps it, loaded through
+``PYTHONPATH`` by the runs here that ask for it (:data:`FSDP_ON_CPU`). Without it the start line
+must say that FSDP is not in use (:func:`test_fsdp_dropped_by_accelerate_is_said_on_the_start_line`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+
+import pytest
+from distributed import run_distributed
+from example_runs import EXAMPLES, ROOT, compare, run_example, tiny_model
+
+import ulysses_attn
+from ulysses_attn.integrations.fsdp import refuse_conflicting_parallelism
+
+FSDP2_JSON = os.path.join(EXAMPLES, "fsdp", "fsdp2.json")
+ACCELERATE_FSDP2 = os.path.join(EXAMPLES, "fsdp", "accelerate_fsdp2.yaml")
+SHIM_DIR = os.path.join(ROOT, "tests", "fsdp_cpu")
+FSDP_ON_CPU = {
+    "ULYSSES_TEST_FSDP_ON_CPU": "1",
+    "PYTHONPATH": os.pathsep.join(p for p in (SHIM_DIR, os.environ.get("PYTHONPATH")) if p),
+}
+FSDP_ARGS = ["--fsdp", "--fsdp_config", FSDP2_JSON]
+# LoRA gradients are smaller (norms 0.43-0.57 here): clip them at 0.5 so that clipping acts
+LORA_ARGS = ["--lora", "--max_grad_norm", "0.5"]
+MAX_LENGTH = 256  # the example's default
+# fp32 on CPU, as tests/test_trainer.py and tests/test_deepspeed.py: logged values to 1e-5 (observed
+# ~1e-7), weights after 4 AdamW steps to 5e-5 (Adam amplifies round-off of near-zero gradients)
+RTOL, RTOL_WEIGHTS = 1e-5, 5e-5
+LONG_SEQUENCE_ENV = {"ULYSSES_LOSS_CHUNK_TOKENS": "48", "ULYSSES_MLP_CHUNK_TOKENS": "40",
+                     "ULYSSES_OFFLOAD_MIN_BYTES": "4096"}
+
+
+def start_line(out_dir) -> str:
+    """ulysses_attn's start line of a run (printed once, on rank 0, to stderr)."""
+    with open(os.path.join(out_dir, "stderr.txt")) as f:
+        lines = [line for line in f if line.startswith("ulysses_attn: sequence parallelism on for")]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def assert_same_training(sp_run, ref_run, sp_size=2, clip=1.0) -> dict:
+    """Same logged losses, grad norms, eval losses and final weights; the decoder layers saw S/P tokens."""
+    diff = compare(sp_run, ref_run)
+    assert diff["same_length"] and diff["steps"] >= 4
+    assert {"loss", "grad_norm", "eval_loss", "train_loss"} <= set(diff["logged"]), diff
+    assert max(diff["logged"].values()) < RTOL, diff
+    assert diff["weights"] < RTOL_WEIGHTS, diff
+    grad_norms = [h["grad_norm"] for h in ref_run[0]["log_history"] if "grad_norm" in h]
+    assert max(grad_norms) > clip  # gradient clipping acted in at least one step
+    longest, longest_sp = ref_run[0]["longest_sequence_seen"], sp_run[0]["longest_sequence_seen"]
+    assert longest > math.ceil(MAX_LENGTH / 2)
+    assert longest_sp <= math.ceil(longest / sp_size)
+    print(f"max relative differences: {diff['logged']}, weights {diff['weights']:.2e}")
+    return diff
+
+
+def assert_fsdp2_sharded(result: dict, world: int) -> None:
+    """The trained model was FSDP2 over the whole world: every parameter a DTensor, rank 0 holding
+    about 1/world of the parameter elements (dim-0 shards of a few small tensors are uneven)."""
+    facts = result["parallelism"]
+    assert facts["distributed_type"] == "DistributedType.FSDP" and facts["fsdp_version"] == 2, facts
+    assert facts["fsdp_modules"] >= 3, facts  # the root and each decoder layer (TRANSFORMER_BASED_WRAP)
+    assert facts["dtensor_parameters"] == facts["parameters"] > 0 and not facts["not_dtensor"], facts
+    assert abs(facts["local_parameter_fraction"] - 1 / world) < 0.05 / world, facts
+    assert result["world_size"] == world
+
+
+@pytest.fixture(scope="module")
+def lora_baselines(baselines):
+    """The runs without SP the LoRA cases compare with (cached for the session by conftest)."""
+    return {
+        "plain": baselines("lora", extra=["--eval", *LORA_ARGS]),
+        "ddp2": baselines("lora_ddp2", nproc=2, extra=["--eval", *LORA_ARGS]),
+    }
+
+
+def test_fsdp2_sp2_equals_plain(tmp_path, baselines):
+    sp_run = run_example(tmp_path, nproc=2, sp=2, extra=["--eval", *FSDP_ARGS], env=FSDP_ON_CPU)
+    assert_same_training(sp_run, baselines("plain", extra=["--eval"]))
+    assert_fsdp2_sharded(sp_run[0], 2)
+    assert "FSDP2 shards the parameters over all 2 ranks" in start_line(tmp_path)
+
+
+def test_fsdp2_sp2_lora_equals_plain(tmp_path, lora_baselines):
+    sp_run = run_example(tmp_path, nproc=2, sp=2, extra=["--eval", *LORA_ARGS, *FSDP_ARGS], env=FSDP_ON_CPU)
+    assert_same_training(sp_run, lora_baselines["plain"], clip=0.5)
+    assert_fsdp2_sharded(sp_run[0], 2)
+    assert any("lora_A" in k for k in sp_run[1])
+
+
+def test_fsdp2_sp2_times_dp2_equals_ddp2(tmp_path, baselines):
+    ref = baselines("ddp2", nproc=2, extra=["--eval"])
+    sp_run = run_example(tmp_path, nproc=4, sp=2, extra=["--eval", *FSDP_ARGS], env=FSDP_ON_CPU)
+    assert ref[0]["world_size"] == 2
+    assert_same_training(sp_run, ref)
+    assert_fsdp2_sharded(sp_run[0], 4)
+    assert "SP size 2 x DP size 2 = world 4" in start_line(tmp_path)
+
+
+def test_accelerate_config_fsdp2_lora_sp2_times_dp2_equals_ddp2(tmp_path, lora_baselines):
+    # `accelerate launch --config_file examples/fsdp/accelerate_fsdp2.yaml` (distributed_type: FSDP,
+    # fsdp_version: 2): FSDP reaches the Trainer only through accelerate's environment variables
+    sp_run = run_example(tmp_path, nproc=4, sp=2, extra=["--eval", *LORA_ARGS], env=FSDP_ON_CPU,
+                         accelerate_config=ACCELERATE_FSDP2)
+    assert_same_training(sp_run, lora_baselines["ddp2"], clip=0.5)
+    assert_fsdp2_sharded(sp_run[0], 4)
+    assert "FSDP2 shards the parameters over all 4 ranks" in start_line(tmp_path)
+
+
+def test_fsdp_dropped_by_accelerate_is_said_on_the_start_line(tmp_path, baselines):
+    # no shim: accelerate on CPU (use_cpu, MULTI_CPU) ignores the FSDP plugin and trains DDP; the
+    # numbers are still right (DDP is exact too), but the start line must not let it pass unsaid
+    sp_run = run_example(tmp_path, nproc=2, sp=2, extra=["--eval", *FSDP_ARGS])
+    assert_same_training(sp_run, baselines("plain", extra=["--eval"]))
+    facts = sp_run[0]["parallelism"]
+    assert facts["distributed_type"] == "DistributedType.MULTI_CPU" and facts["fsdp_version"] is None, facts
+    assert facts["local_parameter_fraction"] == 1.0 and facts["dtensor_parameters"] == 0, facts
+    line = start_line(tmp_path)
+    assert "FSDP was asked for (TrainingArguments.fsdp) but is NOT in use" in line
+    assert "MULTI_CPU" in line
+
+
+def test_fsdp2_long_sequence_tied_embeddings_sp2_equals_plain(tmp_path, baselines):
+    # --long-sequence under FSDP2: chunked loss through the tied LM head / embedding (a DTensor
+    # parameter, gathered by FSDP), tiled MLP, activation checkpointing with CPU offload
+    ref = baselines("tied", extra=["--eval", "--tie_embeddings"])
+    sp_run = run_example(tmp_path, nproc=2, sp=2, extra=["--eval", "--tie_embeddings", "--record_head_rows",
+                                                          *FSDP_ARGS],
+                         launch_flags=["--long-sequence"], env={**FSDP_ON_CPU, **LONG_SEQUENCE_ENV})
+    assert_same_training(sp_run, ref)
+    result = sp_run[0]
+    assert_fsdp2_sharded(result, 2)
+    assert result["parallelism"]["embeddings_tied"] and ref[0]["parallelism"]["embeddings_tied"]
+    assert result["activation_checkpointing"] and 0 < result["lm_head_rows_max"] <= 48
+    assert result["mlp_rows_max"] <= 2 * 40
+    assert "tiled MLP, activation checkpointing, checkpoint offload; FSDP2" in start_line(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------
+# accelerate's ParallelismConfig splitting sequences or heads as well: refused before it starts
+# ------------------------------------------------------------------------------------------------
+
+
+CONFLICTS = [  # (ParallelismConfig sizes, environment, what the error must name)
+    ({"sp_size": 2}, {}, "sp_size=2: accelerate's own sequence parallelism (DeepSpeed ALST"),
+    ({"cp_size": 2}, {}, "cp_size=2: context parallelism"),
+    ({"tp_size": 2}, {}, "tp_size=2: tensor parallelism"),
+    # an accelerate config's parallelism_config reaches accelerate through the environment
+    (None, {"ACCELERATE_USE_PARALLELISM_CONFIG": "true", "PARALLELISM_CONFIG_CP_SIZE": "2"}, "cp_size=2"),
+]
+
+
+def _trainers_with_parallelism_configs(rank, world):
+    """Build a Trainer under SP 2 with each conflicting config; return the error each raised."""
+    from accelerate.parallelism_config import ParallelismConfig
+    from transformers import Trainer, TrainingArguments
+
+    ulysses_attn.enable(sp_size=2)
+    errors = []
+    for sizes, env, _ in CONFLICTS:
+        os.environ.update(env)
+        config = ParallelismConfig(**sizes) if sizes else None
+        args = TrainingArguments(output_dir=tempfile.mkdtemp(), use_cpu=True, parallelism_config=config, report_to=[])
+        try:
+            Trainer(model=tiny_model("llama", 16, "ulysses_flash", 0), args=args)
+            errors.append(None)
+        except ValueError as e:
+            errors.append(str(e))
+        for name in env:
+            del os.environ[name]
+    return errors
+
+
+def test_parallelism_config_that_splits_sequences_is_refused_on_every_rank():
+    per_rank = run_distributed(_trainers_with_parallelism_configs, 2)
+    for (_, _, named), error, error_rank1 in zip(CONFLICTS, *per_rank, strict=True):
+        assert error is not None and error == error_rank1  # the same error on every rank: nothing hangs
+        assert named in error
+        assert "sequence parallelism of size 2 (--sp-size" in error  # both settings named
+        assert "remove sp_size / cp_size / tp_size from the parallelism_config" in error  # what to do
+
+
+def test_parallelism_config_that_only_shards_data_is_accepted():
+    from accelerate.parallelism_config import ParallelismConfig
+
+    assert refuse_conflicting_parallelism(ParallelismConfig(dp_shard_size=2, dp_replicate_size=2), 2) is None
+    assert refuse_conflicting_parallelism(ParallelismConfig(cp_size=2), 1) is None  # no ulysses SP: accelerate's
+    with pytest.raises(ValueError, match="sp_size=4"):
+        refuse_conflicting_parallelism(ParallelismConfig(sp_size=4), 2)
