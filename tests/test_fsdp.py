@@ -15,6 +15,7 @@ must say that FSDP is not in use (:func:`test_fsdp_dropped_by_accelerate_is_said
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -134,20 +135,38 @@ def test_fsdp_dropped_by_accelerate_is_said_on_the_start_line(tmp_path, baseline
     assert "MULTI_CPU" in line
 
 
-def test_fsdp2_long_sequence_tied_embeddings_sp2_equals_plain(tmp_path, baselines):
+@pytest.mark.parametrize("selective", [False, True], ids=["long_sequence", "long_sequence_selective"])
+def test_fsdp2_long_sequence_tied_embeddings_sp2_equals_plain(tmp_path, baselines, selective):
     # --long-sequence under FSDP2: chunked loss through the tied LM head / embedding (a DTensor
-    # parameter, gathered by FSDP), tiled MLP, activation checkpointing with CPU offload
+    # parameter, gathered by FSDP), tiled MLP, activation checkpointing with CPU offload; with
+    # --selective-checkpointing the recomputes keep the attention outputs
     ref = baselines("tied", extra=["--eval", "--tie_embeddings"])
+    flags = ["--long-sequence", *(["--selective-checkpointing"] if selective else [])]
     sp_run = run_example(tmp_path, nproc=2, sp=2, extra=["--eval", "--tie_embeddings", "--record_head_rows",
                                                           *FSDP_ARGS],
-                         launch_flags=["--long-sequence"], env={**FSDP_ON_CPU, **LONG_SEQUENCE_ENV})
+                         launch_flags=flags, env={**FSDP_ON_CPU, **LONG_SEQUENCE_ENV})
     assert_same_training(sp_run, ref)
     result = sp_run[0]
     assert_fsdp2_sharded(result, 2)
     assert result["parallelism"]["embeddings_tied"] and ref[0]["parallelism"]["embeddings_tied"]
-    assert result["activation_checkpointing"] and 0 < result["lm_head_rows_max"] <= 48
-    assert result["mlp_rows_max"] <= 2 * 40
-    assert "tiled MLP, activation checkpointing, checkpoint offload; FSDP2" in start_line(tmp_path)
+    assert result["activation_checkpointing"] and result["mlp_rows_max"] <= 2 * 40
+    assert "tiled MLP, activation checkpointing, checkpoint offload" in start_line(tmp_path)
+    if not selective:
+        assert 0 < result["lm_head_rows_max"] <= 48  # the chunked loss called the head chunk by chunk
+        return
+    assert result["selective_checkpointing_layers"] == 2
+    steps = max(h["step"] for h in result["log_history"] if "loss" in h)
+    # every checkpointed layer's backward reuses its attention output, in every micro-batch
+    assert result["attention_calls_not_recomputed"] >= steps * result["selective_checkpointing_layers"]
+
+
+def test_fsdp_activation_checkpointing_with_the_packages_is_refused(tmp_path):
+    # both would recompute every layer: refused when the Trainer is built, naming both settings
+    config = tmp_path / "fsdp2_ac.json"
+    config.write_text(json.dumps({**json.load(open(FSDP2_JSON)), "activation_checkpointing": True}))
+    with pytest.raises(RuntimeError, match="FSDP's activation checkpointing .* and ulysses_attn's .* are both on"):
+        run_example(tmp_path / "run", nproc=2, sp=2, extra=["--fsdp", "--fsdp_config", str(config)],
+                    launch_flags=["--long-sequence"], env=FSDP_ON_CPU)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ scaled for, as under DDP and ZeRO (docs/fsdp.md). What lives here:
 * :func:`fsdp_note`: what the start line says about FSDP, FSDP2 / FSDP1 when it is on, and that it
   was asked for but is not in use when accelerate trains without it (on a CPU-only machine
   ``use_cpu`` makes accelerate drop the FSDP plugin and train DDP without a word);
+* :func:`refuse_double_checkpointing`: FSDP's own ``activation_checkpointing`` together with the
+  package's (``--long-sequence``, ``--selective-checkpointing``) would recompute every layer twice;
 * :func:`refuse_conflicting_parallelism`: an accelerate ``ParallelismConfig`` that splits sequences or
   heads as well (``sp_size``, ``cp_size``, ``tp_size`` > 1) is refused before the Trainer builds its
   accelerator, on every rank alike (the config is the same on every rank), so no collective can hang.
@@ -17,7 +19,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
-__all__ = ["fsdp_requested", "fsdp_version", "fsdp_note", "parallelism_config_of", "refuse_conflicting_parallelism"]
+__all__ = [
+    "fsdp_requested",
+    "fsdp_version",
+    "fsdp_note",
+    "parallelism_config_of",
+    "refuse_conflicting_parallelism",
+    "refuse_double_checkpointing",
+]
 
 _TRUE = ("1", "true", "yes")
 
@@ -99,4 +108,23 @@ def refuse_conflicting_parallelism(config: Any | None, sp_size: int) -> None:
         "parallelism_config (TrainingArguments.parallelism_config or the accelerate config's parallelism_config; "
         "dp_shard_size / dp_replicate_size may stay) to train with ulysses_attn, or run without --sp-size to use "
         "accelerate's."
+    )
+
+
+def refuse_double_checkpointing(trainer: Any, package_checkpointing: bool) -> None:
+    """Raise when FSDP's own activation checkpointing (``fsdp_config["activation_checkpointing"]`` /
+    ``fsdp_activation_checkpointing``) is on together with the package's (``package_checkpointing``:
+    ``MemoryOptions.activation_checkpointing``, from ``--long-sequence`` / ``--selective-checkpointing``):
+    FSDP wraps each layer in a checkpoint of its own, so both would recompute it. The Trainer refuses
+    the same pair when it comes from ``TrainingArguments``, but the package sets that argument after
+    the Trainer's check."""
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if not package_checkpointing or plugin is None or not getattr(plugin, "activation_checkpointing", False):
+        return
+    raise ValueError(
+        "ulysses_attn: FSDP's activation checkpointing (fsdp_config activation_checkpointing / the accelerate "
+        "config's fsdp_activation_checkpointing) and ulysses_attn's (--long-sequence / --selective-checkpointing / "
+        "MemoryOptions(activation_checkpointing=True)) are both on: every decoder layer would be recomputed twice. "
+        "Use one: set FSDP's activation_checkpointing to false (ulysses_attn's also offloads the checkpoints and "
+        "can keep the attention outputs), or pass MemoryOptions(activation_checkpointing=False) to keep FSDP's."
     )

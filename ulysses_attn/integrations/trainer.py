@@ -42,7 +42,7 @@ from ..state import STATE, announce_once
 from ..transparent import is_transparent, make_transparent
 from .accelerate import install_metrics_gather, shard_dataloaders_over_dp_groups
 from .deepspeed import reconcile_new_deepspeed_configs, reconcile_sequence_parallel_size
-from .fsdp import fsdp_note, parallelism_config_of, refuse_conflicting_parallelism
+from .fsdp import fsdp_note, parallelism_config_of, refuse_conflicting_parallelism, refuse_double_checkpointing
 from .trl import fused_trainer_classes, patch_trl
 
 logger = logging.getLogger("ulysses_attn")
@@ -443,6 +443,7 @@ def _announce(trainer, sp: SequenceParallel, path: LossPath) -> None:
 
 def apply_memory_options(trainer, options: MemoryOptions) -> None:
     """Apply ``options`` to the trainer's causal LM(s) (see :mod:`ulysses_attn.memory`)."""
+    refuse_double_checkpointing(trainer, options.activation_checkpointing)
     if trainer_loss_path(trainer, options) in (LossPath.TRL_FUSED_HEAD, LossPath.TRANSPARENT):
         # TRL's fused head is chunked already; transparent mode is there to return the logits
         options = dataclasses.replace(options, chunked_loss=False)
