@@ -1,0 +1,33 @@
+"""Test-only: what the LLaMA-Factory test runs record (tests/test_llamafactory.py).
+
+The LLaMA-Factory processes get this folder on PYTHONPATH (with the torchaudio stand-in beside
+it). When ``ULYSSES_TEST_RECORD`` names a folder, every process records the sequence length each
+decoder layer receives (torch's global module forward pre-hook, the first layer of each forward)
+and writes it to ``<folder>/rank<RANK>.json`` at exit: the proof that the layers saw S/P tokens.
+"""
+
+import atexit
+import json
+import os
+
+_FOLDER = os.environ.get("ULYSSES_TEST_RECORD")
+
+if _FOLDER and os.environ.get("RANK") is not None:
+    import torch
+
+    _lengths: list[int] = []
+
+    def _record(module, args):
+        # the first decoder layer of each forward (transformers passes hidden_states positionally)
+        first = getattr(getattr(module, "self_attn", None), "layer_idx", None) == 0
+        if first and type(module).__name__.endswith("DecoderLayer") and args and torch.is_tensor(args[0]):
+            _lengths.append(int(args[0].shape[1]))
+
+    torch.nn.modules.module.register_module_forward_pre_hook(_record)
+
+    def _write() -> None:
+        os.makedirs(_FOLDER, exist_ok=True)
+        with open(os.path.join(_FOLDER, f"rank{os.environ['RANK']}.json"), "w") as f:
+            json.dump(_lengths, f)
+
+    atexit.register(_write)
