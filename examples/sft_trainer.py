@@ -67,10 +67,11 @@ def base_model(model):
 class LongestSequenceSeen(TrainerCallback):
     """Records the longest sequence any decoder layer processed, the most token rows a decoder MLP's
     down projection and (with ``head=True``) the LM head in training processed in one call (plain
-    forward hooks; a hooked head makes the chunked loss call it as a module, chunk by chunk)."""
+    forward hooks; a hooked head makes the chunked loss call it as a module, chunk by chunk), and the
+    optimizer steps run."""
 
     def __init__(self, model, head: bool = False):
-        self.longest = self.head_rows = self.mlp_rows = 0
+        self.longest = self.head_rows = self.mlp_rows = self.steps_run = 0
         model = base_model(model)
         layers = model.model.layers if hasattr(model, "model") else []
         for layer in layers:
@@ -78,6 +79,9 @@ class LongestSequenceSeen(TrainerCallback):
             layer.mlp.down_proj.register_forward_hook(self._mlp_hook)
         if head:
             model.get_output_embeddings().register_forward_hook(self._head_hook)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps_run += 1  # optimizer steps this process ran (a resumed run skips the checkpoint's)
 
     def _hook(self, module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -266,7 +270,8 @@ def main():
                        "zero3_leaf_modules": zero3_leaves,
                        "compiled_graphs": compiled_graphs(),
                        "loss_path": loss_path(trainer),
-                       "world_size": training_args.world_size, "parallelism": parallelism}, f, indent=1)
+                       "world_size": training_args.world_size, "parallelism": parallelism,
+                       "steps_run": seen.steps_run}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -89,11 +90,26 @@ def lora_baselines(baselines):
     }
 
 
-def test_fsdp2_sp2_equals_plain(tmp_path, baselines):
-    sp_run = run_example(tmp_path, nproc=2, sp=2, extra=["--eval", *FSDP_ARGS], env=FSDP_ON_CPU)
-    assert_same_training(sp_run, baselines("plain", extra=["--eval"]))
-    assert_fsdp2_sharded(sp_run[0], 2)
-    assert "FSDP2 shards the parameters over all 2 ranks" in start_line(tmp_path)
+def test_fsdp2_sp2_equals_plain_and_resumes_from_a_sharded_checkpoint(tmp_path, baselines):
+    # SHARDED_STATE_DICT: each rank saves its own shards (torch.distributed.checkpoint, *.distcp) at
+    # steps 2 and 4; new processes resume from step 2 and end as the uninterrupted run
+    config = tmp_path / "fsdp2_sharded.json"
+    config.write_text(json.dumps({**json.load(open(FSDP2_JSON)), "state_dict_type": "SHARDED_STATE_DICT"}))
+    extra = ["--eval", "--fsdp", "--fsdp_config", str(config), "--save_steps", "2"]
+    full = run_example(tmp_path / "full", nproc=2, sp=2, extra=extra, env=FSDP_ON_CPU)
+    assert_same_training(full, baselines("plain", extra=["--eval"]))
+    assert_fsdp2_sharded(full[0], 2)
+    assert "FSDP2 shards the parameters over all 2 ranks" in start_line(tmp_path / "full")
+    checkpoint = tmp_path / "full" / "checkpoint-2"
+    assert {"__0_0.distcp", "__1_0.distcp"} <= set(os.listdir(checkpoint / "pytorch_model_fsdp_0"))  # per rank
+    shutil.copytree(checkpoint, tmp_path / "resumed" / "checkpoint-2")
+    resumed = run_example(tmp_path / "resumed", nproc=2, sp=2, extra=[*extra, "--resume"], env=FSDP_ON_CPU)
+    assert full[0]["steps_run"] == 4 and resumed[0]["steps_run"] == 2  # it did resume, at step 3
+    after = lambda run: [(h["step"], h["loss"], h["grad_norm"]) for h in run[0]["log_history"] if "loss" in h and h["step"] > 2]  # noqa: E501, E731
+    assert len(after(full)) == 2
+    for (s1, l1, g1), (s2, l2, g2) in zip(after(full), after(resumed), strict=True):
+        assert s1 == s2 and l1 == pytest.approx(l2, rel=RTOL) and g1 == pytest.approx(g2, rel=RTOL)
+    assert compare(resumed, full)["weights"] < RTOL_WEIGHTS
 
 
 def test_fsdp2_sp2_lora_equals_plain(tmp_path, lora_baselines):
