@@ -133,6 +133,14 @@ def compiled_graphs() -> int:
     return int(dynamo.counters["stats"]["unique_graphs"]) if dynamo else 0
 
 
+def parallelism_config(spec: str):
+    """An accelerate ParallelismConfig from "name=size,name=size" (e.g. "dp_replicate_size=2,dp_shard_size=2")."""
+    from accelerate.parallelism_config import ParallelismConfig
+
+    sizes = dict(item.split("=") for item in spec.split(","))
+    return ParallelismConfig(**{name: int(size) for name, size in sizes.items()})
+
+
 def local_numel(param) -> int:
     """Elements of a parameter this rank holds: its FSDP2 shard (DTensor), its ZeRO-3 partition, or all."""
     from torch.distributed.tensor import DTensor
@@ -197,6 +205,8 @@ def main():
     p.add_argument("--no_use_cpu", action="store_true", help="leave use_cpu off even without a GPU")
     p.add_argument("--fsdp", action="store_true", help="TrainingArguments(fsdp=True), set up by --fsdp_config")
     p.add_argument("--fsdp_config", default=None, help="TrainingArguments(fsdp_config=...): a JSON file")
+    p.add_argument("--parallelism_config", default=None,
+                   help='TrainingArguments(parallelism_config=...), e.g. "dp_replicate_size=2,dp_shard_size=2"')
     p.add_argument("--lora", action="store_true", help="train a LoRA adapter (peft, dropout 0) instead of all weights")
     p.add_argument("--tie_embeddings", action="store_true", help="tiny model with the LM head tied to the embedding")
     args = p.parse_args()
@@ -246,6 +256,7 @@ def main():
         label_smoothing_factor=args.label_smoothing,
         fsdp=args.fsdp or None,
         fsdp_config=args.fsdp_config,
+        **({"parallelism_config": parallelism_config(args.parallelism_config)} if args.parallelism_config else {}),
     )
     seen = LongestSequenceSeen(model, head=args.record_head_rows)
     trainer = Trainer(model=model, args=training_args, train_dataset=train,

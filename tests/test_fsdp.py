@@ -70,14 +70,15 @@ def assert_same_training(sp_run, ref_run, sp_size=2, clip=1.0) -> dict:
     return diff
 
 
-def assert_fsdp2_sharded(result: dict, world: int) -> None:
-    """The trained model was FSDP2 over the whole world: every parameter a DTensor, rank 0 holding
-    about 1/world of the parameter elements (dim-0 shards of a few small tensors are uneven)."""
+def assert_fsdp2_sharded(result: dict, world: int, shard_ranks: int | None = None) -> None:
+    """The trained model was FSDP2 over the whole world (or ``shard_ranks`` of it, HSDP): every
+    parameter a DTensor, rank 0 holding 1/shard_ranks of the parameter elements."""
+    shard_ranks = shard_ranks or world
     facts = result["parallelism"]
     assert facts["distributed_type"] == "DistributedType.FSDP" and facts["fsdp_version"] == 2, facts
     assert facts["fsdp_modules"] >= 3, facts  # the root and each decoder layer (TRANSFORMER_BASED_WRAP)
     assert facts["dtensor_parameters"] == facts["parameters"] > 0 and not facts["not_dtensor"], facts
-    assert abs(facts["local_parameter_fraction"] - 1 / world) < 0.05 / world, facts
+    assert abs(facts["local_parameter_fraction"] - 1 / shard_ranks) < 0.05 / shard_ranks, facts
     assert result["world_size"] == world
 
 
@@ -126,6 +127,17 @@ def test_fsdp2_sp2_times_dp2_equals_ddp2(tmp_path, baselines):
     assert_same_training(sp_run, ref)
     assert_fsdp2_sharded(sp_run[0], 4)
     assert "SP size 2 x DP size 2 = world 4" in start_line(tmp_path)
+
+
+def test_hsdp_parallelism_config_sp2_times_dp2_equals_ddp2(tmp_path, baselines):
+    # ParallelismConfig(dp_replicate_size=2, dp_shard_size=2): FSDP2 over a 2-D mesh, shards over
+    # {0, 1} and {2, 3} (the SP groups), replicas over {0, 2} and {1, 3} (the DP groups): accepted
+    # beside --sp-size, and the gradient is still the mean over all ranks
+    extra = ["--eval", *FSDP_ARGS, "--parallelism_config", "dp_replicate_size=2,dp_shard_size=2"]
+    sp_run = run_example(tmp_path, nproc=4, sp=2, extra=extra, env=FSDP_ON_CPU)
+    assert_same_training(sp_run, baselines("ddp2", nproc=2, extra=["--eval"]))
+    assert_fsdp2_sharded(sp_run[0], 4, shard_ranks=2)
+    assert "FSDP2 shards the parameters over 2 ranks, 2 replicas (HSDP)" in start_line(tmp_path)
 
 
 def test_accelerate_config_fsdp2_lora_sp2_times_dp2_equals_ddp2(tmp_path, lora_baselines):

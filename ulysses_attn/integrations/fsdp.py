@@ -58,7 +58,11 @@ def fsdp_note(trainer: Any) -> str | None:
     """The start line's words on FSDP for this trainer, or ``None`` when FSDP was neither asked for nor on."""
     version = fsdp_version(trainer.accelerator)
     if version is not None:
-        return f"FSDP{version} shards the parameters over all {trainer.accelerator.num_processes} ranks"
+        world = trainer.accelerator.num_processes
+        replicas = _replicas(getattr(trainer.accelerator, "parallelism_config", None))
+        if replicas > 1:  # HSDP: a 2-D mesh (dp_replicate, dp_shard)
+            return f"FSDP{version} shards the parameters over {world // replicas} ranks, {replicas} replicas (HSDP)"
+        return f"FSDP{version} shards the parameters over all {world} ranks"
     asked = fsdp_requested(trainer.args)
     if asked is None:
         return None
@@ -67,6 +71,11 @@ def fsdp_note(trainer: Any) -> str | None:
         f"FSDP was asked for ({asked}) but is NOT in use: accelerate trains with {kind}, every rank holds the "
         "whole model (on a machine without GPUs accelerate drops FSDP under use_cpu)"
     )
+
+
+def _replicas(config: Any | None) -> int:
+    """``dp_replicate_size`` of an accelerate ``ParallelismConfig`` (1 without one)."""
+    return int(getattr(config, "dp_replicate_size", 1) or 1) if config is not None else 1
 
 
 def parallelism_config_of(training_args: Any) -> Any | None:
