@@ -1,4 +1,5 @@
-"""GPU tests: run tests/gpu/sp_checks.py on CUDA (one process, torchrun with 1, 2 and 4 GPUs).
+"""GPU tests: run tests/gpu/sp_checks.py on CUDA (one process, torchrun with 1, 2 and 4 GPUs), and
+tests/gpu/transparent_checks.py (transparent mode in bf16, two ranks sharing GPU 0).
 
 Skipped without CUDA (CPU CI) and when the machine has fewer GPUs than a test needs; SP = 2 also runs
 with both ranks on one GPU (gloo). On the GPU
@@ -25,6 +26,7 @@ pytestmark = [
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "sp_checks.py"
+TRANSPARENT = HERE / "transparent_checks.py"
 ROOT = HERE.parent.parent
 
 
@@ -69,3 +71,10 @@ def test_models_on_one_gpu(tmp_path):
     # P = 1 under torchrun: every kernel in the real models; the one models check a 1-GPU machine runs
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", str(SCRIPT),
           "models"], tmp_path)
+
+
+def test_transparent_bf16_ranks_sharing_one_gpu(tmp_path):
+    # transparent mode (whole batch in, whole logits out) at SP = 2 with both ranks on GPU 0 through
+    # gloo: losses computed from outputs.logits in bf16 against the same model without SP
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(TRANSPARENT)],
+         tmp_path, SP_CHECKS_BACKEND="gloo", CUDA_VISIBLE_DEVICES="0")
