@@ -208,14 +208,17 @@ def main() -> int:
                    "logits_bf16_gib": seq * vocab * 2 / GIB, "logits_fp32_gib": seq * vocab * 4 / GIB}
             try:
                 per_rank = gather(step(mode, model, batch_for(seq, vocab), sp))
-            except torch.OutOfMemoryError as e:  # the other rank is stuck in a collective: write and stop
+            except torch.OutOfMemoryError as e:
                 row["error"] = f"OOM: {str(e).splitlines()[0][:160]}"
                 results.append(row)
                 log(f"{mode} S={seq}: {row['error']}")
                 if dist.get_rank() == 0:
                     write(path, info, results)
+                if dist.get_world_size() == 1:  # the longer lengths would not fit either: next mode
+                    model.zero_grad(set_to_none=True)
+                    break
                 sys.stdout.flush()
-                os._exit(3)
+                os._exit(3)  # the other ranks wait in a collective: stop (torchrun ends them)
             row.update({k: max(r[k] for r in per_rank) for k in ("peak_gib", "before_gib", "reserved_gib", "step_s")})
             row["peak_gib_per_rank"] = [r["peak_gib"] for r in per_rank]
             row["loss"] = per_rank[0]["loss"]
