@@ -188,15 +188,6 @@ def test_fsdp2_long_sequence_tied_embeddings_sp2_equals_plain(tmp_path, baseline
     assert result["attention_calls_not_recomputed"] >= steps * result["selective_checkpointing_layers"]
 
 
-def test_fsdp_activation_checkpointing_with_the_packages_is_refused(tmp_path):
-    # both would recompute every layer: refused when the Trainer is built, naming both settings
-    config = tmp_path / "fsdp2_ac.json"
-    config.write_text(json.dumps({**json.load(open(FSDP2_JSON)), "activation_checkpointing": True}))
-    with pytest.raises(RuntimeError, match="FSDP's activation checkpointing .* and ulysses_attn's .* are both on"):
-        run_example(tmp_path / "run", nproc=2, sp=2, extra=["--fsdp", "--fsdp_config", str(config)],
-                    launch_flags=["--long-sequence"], env=FSDP_ON_CPU)
-
-
 # ------------------------------------------------------------------------------------------------
 # accelerate's ParallelismConfig splitting sequences or heads as well: refused before it starts
 # ------------------------------------------------------------------------------------------------
@@ -212,11 +203,13 @@ CONFLICTS = [  # (ParallelismConfig sizes, environment, what the error must name
 
 
 def _trainers_with_parallelism_configs(rank, world):
-    """Build a Trainer under SP 2 with each conflicting config; return the error each raised."""
+    """Build a Trainer under SP 2 (``--long-sequence``) with each conflicting config, then one with
+    FSDP's own activation checkpointing; return the error each raised."""
     from accelerate.parallelism_config import ParallelismConfig
+    from fsdp_cpu.sitecustomize import keep_fsdp_on_cpu
     from transformers import Trainer, TrainingArguments
 
-    ulysses_attn.enable(sp_size=2)
+    ulysses_attn.enable(sp_size=2, long_sequence=True)
     errors = []
     for sizes, env, _ in CONFLICTS:
         os.environ.update(env)
@@ -229,16 +222,29 @@ def _trainers_with_parallelism_configs(rank, world):
             errors.append(str(e))
         for name in env:
             del os.environ[name]
+    keep_fsdp_on_cpu()
+    fsdp_config = {**json.load(open(FSDP2_JSON)), "activation_checkpointing": True}
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), use_cpu=True, fsdp=True, fsdp_config=fsdp_config,
+                             report_to=[])
+    try:
+        Trainer(model=tiny_model("llama", 16, "ulysses_flash", 0), args=args)
+        errors.append(None)
+    except ValueError as e:
+        errors.append(str(e))
     return errors
 
 
 def test_parallelism_config_that_splits_sequences_is_refused_on_every_rank():
-    per_rank = run_distributed(_trainers_with_parallelism_configs, 2)
-    for (_, _, named), error, error_rank1 in zip(CONFLICTS, *per_rank, strict=True):
-        assert error is not None and error == error_rank1  # the same error on every rank: nothing hangs
+    # and FSDP's own activation checkpointing beside the package's (--long-sequence): both would
+    # recompute every layer
+    rank0, rank1 = run_distributed(_trainers_with_parallelism_configs, 2)
+    assert rank0 == rank1 and None not in rank0  # the same errors on every rank: nothing hangs
+    for (_, _, named), error in zip(CONFLICTS, rank0[:-1], strict=True):
         assert named in error
         assert "sequence parallelism of size 2 (--sp-size" in error  # both settings named
         assert "remove sp_size / cp_size / tp_size from the parallelism_config" in error  # what to do
+    assert "FSDP's activation checkpointing (fsdp_config activation_checkpointing" in rank0[-1]
+    assert "ulysses_attn's (--long-sequence" in rank0[-1] and "Use one" in rank0[-1]
 
 
 def test_parallelism_config_that_only_shards_data_is_accepted():
@@ -248,3 +254,83 @@ def test_parallelism_config_that_only_shards_data_is_accepted():
     assert refuse_conflicting_parallelism(ParallelismConfig(cp_size=2), 1) is None  # no ulysses SP: accelerate's
     with pytest.raises(ValueError, match="sp_size=4"):
         refuse_conflicting_parallelism(ParallelismConfig(sp_size=4), 2)
+
+
+# ------------------------------------------------------------------------------------------------
+# TRL's SFTTrainer and DPOTrainer (LoRA) under FSDP2 at SP 2, against one process without either
+# ------------------------------------------------------------------------------------------------
+
+
+TRL_ATOL = 1e-5
+
+
+def _full(tensor):
+    """The whole tensor of a DTensor (a collective: every rank calls it in the same order)."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _trl_worker(rank, world, trainer_name, fsdp):
+    import datasets
+    import trl
+    from example_runs import char_tokenizer
+    from peft import LoraConfig
+    from test_trl import preference_data, text_data
+
+    if fsdp:
+        from fsdp_cpu.sitecustomize import keep_fsdp_on_cpu
+
+        keep_fsdp_on_cpu()
+    ulysses_attn.enable(sp_size=world)
+    rows = preference_data() if trainer_name == "dpo" else text_data()
+    tokenizer = char_tokenizer([v for r in rows for v in r.values()])
+    tokenizer.eos_token = tokenizer.pad_token
+    model = tiny_model("llama", len(tokenizer), "ulysses_flash" if world > 1 else "sdpa", seed=0)
+    fsdp_args = {"fsdp": True, "fsdp_config": json.load(open(FSDP2_JSON))} if fsdp else {}
+    common = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                  max_steps=3, learning_rate=1e-2, max_grad_norm=0.05, logging_steps=1, report_to=[], use_cpu=True,
+                  bf16=False, seed=0, save_strategy="no", dataloader_num_workers=0, **fsdp_args)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    dataset = datasets.Dataset.from_list(rows)
+    if trainer_name == "dpo":  # the reference model: the policy with its adapter disabled
+        trainer = trl.DPOTrainer(model=model, args=trl.DPOConfig(**common, beta=0.5), train_dataset=dataset,
+                                 processing_class=tokenizer, peft_config=lora)
+    else:
+        config = trl.SFTConfig(**common, completion_only_loss=True, max_length=None)
+        trainer = trl.SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                                 peft_config=lora)
+    seen = []
+    trainer.model.get_base_model().model.layers[0].register_forward_pre_hook(
+        lambda m, a, kw: seen.append((a[0] if a else kw["hidden_states"]).shape[1]), with_kwargs=True)
+    trainer.train()
+    facts = {"type": str(trainer.accelerator.distributed_type), "dtensors": 0, "parameters": 0}
+    for _, p in trainer.model.named_parameters():
+        facts["parameters"] += 1
+        facts["dtensors"] += int(_full(p) is not p)
+    weights = {n: _full(p).detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    return {"logs": trainer.state.log_history, "weights": weights, "longest": max(seen), "facts": facts}
+
+
+@pytest.mark.parametrize("trainer_name", ["sft", "dpo"])
+def test_trl_lora_under_fsdp2_sp2_equals_plain(trainer_name):
+    ref = run_distributed(_trl_worker, 1, trainer_name, False)[0]
+    sp = run_distributed(_trl_worker, 2, trainer_name, True)[0]
+    assert sp["facts"]["type"] == "DistributedType.FSDP" and sp["facts"]["dtensors"] == sp["facts"]["parameters"]
+    assert len(ref["logs"]) == len(sp["logs"])
+    worst: dict[str, float] = {}
+    for a, b in zip(sp["logs"], ref["logs"]):
+        for k, v in b.items():
+            if isinstance(v, float) and k not in ("epoch", "learning_rate", "total_flos") and "runtime" not in k \
+                    and "per_second" not in k:
+                # DPO's rewards and margins are differences of log-prob sums: an absolute tolerance
+                # too, as tests/test_trl.py (ATOL)
+                assert a[k] == pytest.approx(v, rel=RTOL, abs=TRL_ATOL), (k, a[k], v)
+                worst[k] = max(worst.get(k, 0.0), abs(a[k] - v) / abs(v) if v else abs(a[k]))
+    assert {"loss", "grad_norm"} <= set(worst) and max(worst["loss"], worst["grad_norm"]) < RTOL, worst
+    grad_norms = [h["grad_norm"] for h in ref["logs"] if "grad_norm" in h]
+    assert max(grad_norms) > 0.05  # clipping acted
+    weights = max(((sp["weights"][n] - w).norm() / w.norm()).item() for n, w in ref["weights"].items())
+    assert weights < RTOL_WEIGHTS
+    assert sp["longest"] <= -(-ref["longest"] // 2)  # the decoder layers saw S/P tokens
+    print(f"{trainer_name}: max relative differences {worst}, weights {weights:.2e}")
