@@ -59,6 +59,14 @@ def test_zero3_sp2_times_dp2_equals_ddp2(tmp_path, baselines):
     assert_same(sp_run, baselines("ddp2", nproc=2, extra=["--eval"]), 2)
 
 
+def test_zero3_lora_sp2_equals_plain(tmp_path, baselines):
+    # a frozen, ZeRO-3-partitioned LM head: the chunked loss uses its gathered weight once per loss
+    # (loss.py, _with_head_weights) instead of recomputing the logits in the backward
+    lora = ["--eval", "--lora", "--max_grad_norm", "0.5"]  # the "lora" baseline of test_fsdp.py too
+    sp_run = run_example(tmp_path / "sp", nproc=2, sp=2, deepspeed_config=Z3, extra=lora)
+    assert_same(sp_run, baselines("lora", extra=lora), 2)
+
+
 @pytest.mark.skipif(
     os.environ.get("ULYSSES_SLOW_TESTS") != "1",
     reason="JIT-builds DeepSpeed's cpu_adam op (minutes on 2 cores); run with ULYSSES_SLOW_TESTS=1",

@@ -127,6 +127,40 @@ def test_fused_linear_cross_entropy_equals_plain_under_loss_scaling():
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+def test_frozen_head_log_probs_and_row_sums_equal_plain_logits():
+    """The LoRA head paths (weight frozen): per-token log-probs with the hidden gradient computed in
+    the forward, their per-row sums and the no-grad logit sums equal the plain full-logits values."""
+    from ulysses_attn.fused_cross_entropy import frozen_linear_log_probs
+    from ulysses_attn.loss import chunked_logit_sums, chunked_row_log_probs
+
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(16, 40, bias=True, dtype=torch.float64).requires_grad_(False)
+    h = torch.randn(3, 11, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    labels = torch.randint(0, 40, (3, 11), generator=g)
+    labels[0, :4] = labels[2, 7:] = -100
+    upstream = torch.randn(3, dtype=torch.float64, generator=g)  # a weighted sum, as a DPO loss is
+    logp = head(h).log_softmax(-1).gather(2, labels.clamp(min=0)[..., None]).squeeze(2)
+    ref_rows = (logp * (labels != -100)).sum(-1)
+    (ref_grad,) = torch.autograd.grad((ref_rows * upstream).sum(), h)
+    rows = chunked_row_log_probs(h, head, labels, chunk_tokens=4)
+    assert head._forward_pre_hooks == {} and not head.weight.requires_grad  # the fused, frozen path ran
+    (grad,) = torch.autograd.grad((rows * upstream).sum(), h)
+    torch.testing.assert_close(rows, ref_rows, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-12)
+    flat, y = h.detach().reshape(-1, 16), labels.reshape(-1).clamp(min=0)
+    per_token = frozen_linear_log_probs(flat, head.weight, head.bias, y, chunks=5)
+    torch.testing.assert_close(per_token, head(flat).log_softmax(-1).gather(1, y[:, None]).squeeze(1))
+    torch.testing.assert_close(chunked_logit_sums(flat, head, chunk_tokens=6), head(flat).sum(-1))
+    with pytest.raises(ValueError, match="do not train"):
+        frozen_linear_log_probs(flat, head.weight.detach().requires_grad_(), None, y, chunks=1)
+    trainable = torch.nn.Linear(16, 40, bias=False, dtype=torch.float64)  # the checkpointed path
+    rows = chunked_row_log_probs(h, trainable, labels, chunk_tokens=4)
+    logp = trainable(h).log_softmax(-1).gather(2, labels.clamp(min=0)[..., None]).squeeze(2)
+    ref = (logp * (labels != -100)).sum(-1)
+    torch.testing.assert_close(rows, ref)
+    torch.testing.assert_close(*(torch.autograd.grad(r.sum(), trainable.weight)[0] for r in (rows, ref)))
+
+
 def test_fused_linear_cross_entropy_in_bf16_matches_fp32_logits():
     """bf16 inputs: the gradients are written in bf16 from fp32 probabilities, as autograd through
     ``cross_entropy(logits.float())`` gives them (the form DeepSpeed ALST and HF use)."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["linear_cross_entropy_sum"]
+__all__ = ["linear_cross_entropy_sum", "frozen_linear_log_probs"]
 
 
 class _LinearCrossEntropySum(torch.autograd.Function):
@@ -68,3 +68,48 @@ def linear_cross_entropy_sum(
     """
     with_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _LinearCrossEntropySum.apply(hidden, weight, targets, chunks, with_grads)
+
+
+class _FrozenLinearLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunks: int):
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        out = hidden.new_empty(len(targets), dtype=acc)
+        grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
+        grad_chunks = grad_hidden.tensor_split(chunks) if grad_hidden is not None else [None] * chunks
+        start = 0
+        for h, y, gh in zip(hidden.tensor_split(chunks), targets.tensor_split(chunks), grad_chunks):
+            logits = h @ weight.t()
+            if bias is not None:
+                logits = logits + bias
+            logp = logits.to(acc).log_softmax(-1)
+            out[start : start + len(y)] = logp.gather(1, y[:, None]).squeeze(1)
+            start += len(y)
+            if gh is not None:  # d log p(y) / d logits = one-hot - softmax
+                g = torch.exp(logp).neg_()
+                g[torch.arange(len(y), device=y.device), y] += 1
+                torch.mm(g.to(hidden.dtype), weight, out=gh)
+        ctx.save_for_backward(grad_hidden)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad_hidden,) = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_out[:, None].to(grad_hidden.dtype)
+        return grad_hidden, None, None, None, None
+
+
+def frozen_linear_log_probs(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, chunks: int
+) -> torch.Tensor:
+    """``log_softmax(hidden @ weight.T + bias)[i, targets[i]]`` per row of ``hidden`` (``[tokens,
+    hidden]``), ``chunks`` chunks of logits at a time, for a head that does not train (LoRA): the
+    gradient with respect to ``hidden`` is computed with each chunk's logits in the forward, so
+    the backward needs neither the logits nor the weight (which ZeRO-3 may have re-partitioned).
+
+    >>> logp = frozen_linear_log_probs(h, model.lm_head.weight, None, y, chunks=8)
+    """
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        raise ValueError("frozen_linear_log_probs is for a head whose parameters do not train")
+    return _FrozenLinearLogProbs.apply(hidden, weight, bias, targets, chunks)

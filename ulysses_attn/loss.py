@@ -13,6 +13,7 @@ mean over the whole group, and the gradient the optimizer sees must equal the no
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import Enum
 from typing import Any
 
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .comm import all_reduce_sum, chunk_count, split_chunks
-from .fused_cross_entropy import linear_cross_entropy_sum
+from .fused_cross_entropy import frozen_linear_log_probs, linear_cross_entropy_sum
 from .groups import SequenceParallel, get_sequence_parallel
 from .labels import IGNORE_INDEX
 from .labels import shift_labels as _shift
@@ -186,6 +187,58 @@ def fused_head_applies(
     )
 
 
+def _frozen_plain_head(lm_head: torch.nn.Module) -> bool:
+    """A bias-free-or-frozen ``nn.Linear`` head that does not train (LoRA), hooked by nothing but
+    ZeRO-3 (whose hooks only gather its weight, which :func:`_head_weights` does instead)."""
+    module_globals = torch.nn.modules.module
+    params = [p for p in (lm_head.weight, getattr(lm_head, "bias", None)) if p is not None]
+    partitioned = hasattr(lm_head.weight, "ds_id")
+    hooked = (
+        ((lm_head._forward_hooks or lm_head._forward_pre_hooks) and not partitioned)
+        or hasattr(lm_head, "_hf_hook")
+        or getattr(module_globals, "_global_forward_hooks", None)
+        or getattr(module_globals, "_global_forward_pre_hooks", None)
+    )
+    return type(lm_head) is torch.nn.Linear and not any(p.requires_grad for p in params) and not hooked
+
+
+def _with_head_weights(lm_head: torch.nn.Module, fn: Callable[[torch.Tensor, torch.Tensor | None], Any]) -> Any:
+    """``fn(weight, bias)`` where the head's weight is whole: directly, or -- when ZeRO-3 partitions
+    it -- inside a call of the head (a pre-forward hook registered after ZeRO-3's, which has
+    gathered the weight; ZeRO-3 releases it after the call as usual). ``fn`` must not keep the
+    weight for its backward."""
+    weight: Any = lm_head.weight
+    if not hasattr(weight, "ds_id"):
+        return fn(weight, getattr(lm_head, "bias", None))
+    result = []
+    handle = lm_head.register_forward_pre_hook(lambda m, args: result.append(fn(m.weight, m.bias)))
+    try:
+        lm_head(torch.empty(0, weight.ds_shape[1], dtype=weight.dtype, device=weight.device))
+    finally:
+        handle.remove()
+    return result[0]
+
+
+def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+@torch.no_grad()
+def chunked_logit_sums(hidden: torch.Tensor, lm_head: torch.nn.Module, chunk_tokens: int | None = None) -> torch.Tensor:
+    """``lm_head(hidden).sum(-1)`` (in fp32 at least) for ``hidden`` ``[tokens, H]``, without a gradient and
+    without the ``[tokens, vocab]`` logits (``chunk_tokens`` at a time): for metrics such as a mean
+    logit."""
+    weight: Any = lm_head.weight
+    chunk_tokens = chunk_tokens or default_loss_chunk_tokens(getattr(weight, "ds_shape", weight.shape)[0])
+    count = chunk_count(len(hidden), chunk_tokens, hidden.device)
+    if _frozen_plain_head(lm_head):
+        chunks = split_chunks(hidden, count)
+        sums = _with_head_weights(lm_head, lambda w, b: [_at_least_fp32(F.linear(h, w, b)).sum(-1) for h in chunks])
+    else:
+        sums = [_at_least_fp32(lm_head(h)).sum(-1) for h in split_chunks(hidden, count)]
+    return torch.cat(sums)
+
+
 def default_loss_chunk_tokens(vocab_size: int, budget_bytes: int = 1 << 30) -> int:
     """Tokens per loss chunk so that one chunk's fp32 logits take about ``budget_bytes`` (1 GiB:
     2048 tokens for a 128K vocabulary)."""
@@ -242,8 +295,55 @@ def chunked_causal_lm_loss(
         head_weight: Any = lm_head.weight
         local_sum = linear_cross_entropy_sum(hidden, head_weight, targets, count)
         return _mean_over_group(local_sum, shift_labels, num_items_in_batch, ignore_index, sp)
+    frozen = logit_scale == 1.0 and final_logit_softcapping is None and getattr(lm_head, "bias", None) is None
+    if frozen and _frozen_plain_head(lm_head):  # LoRA: ZeRO-3 would not re-gather a frozen head to recompute
+        local_sum = _with_head_weights(lm_head, lambda w, b: linear_cross_entropy_sum(hidden, w, targets, count))
+        return _mean_over_group(local_sum, shift_labels, num_items_in_batch, ignore_index, sp)
     local_sum = sum(
         checkpoint(chunk_loss, h, y, use_reentrant=False)
         for h, y in zip(split_chunks(hidden, count), targets.tensor_split(count))
     )
     return _mean_over_group(local_sum, shift_labels, num_items_in_batch, ignore_index, sp)
+
+
+def chunked_row_log_probs(
+    hidden_states: torch.Tensor,
+    lm_head: torch.nn.Module,
+    shift_labels: torch.Tensor,
+    chunk_tokens: int | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Per row, the sum of ``log_softmax(lm_head(h))[target]`` over the tokens with a target, without
+    materialising the logits: the scored tokens go through the head ``chunk_tokens`` at a time, each
+    chunk under non-reentrant activation checkpointing (its fp32 logits freed after the forward and
+    recomputed in the backward; the head is called as a module, so ZeRO-3 gathers its weight).
+    ``hidden_states`` is ``[B, T, H]`` (a sequence shard), ``shift_labels`` ``[B, T]``; returns ``[B]``
+    fp32 sums for these tokens -- add them over the SP group with :func:`sp_sum`.
+
+    >>> logps = sp_sum(chunked_row_log_probs(shard_hidden, model.lm_head, shard["shift_labels"]))
+    """
+    rows, tokens = shift_labels.shape
+    targets = shift_labels.to(hidden_states.device).reshape(-1)
+    scored = (targets != ignore_index).nonzero().squeeze(1)
+    hidden = hidden_states.reshape(-1, hidden_states.shape[-1]).index_select(0, scored)
+    targets = targets.index_select(0, scored)
+    if chunk_tokens is None:  # a ZeRO-3 partition keeps its full shape in ds_shape
+        weight: Any = lm_head.weight
+        chunk_tokens = default_loss_chunk_tokens(getattr(weight, "ds_shape", weight.shape)[0])
+
+    def chunk_log_probs(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return _at_least_fp32(lm_head(h)).log_softmax(-1).gather(1, y[:, None]).squeeze(1)
+
+    # an empty shard still runs the head, so every rank calls it (and ZeRO-3 gathers) alike
+    count = chunk_count(len(targets), chunk_tokens, hidden.device)
+    row_of = torch.div(scored, tokens, rounding_mode="floor")
+    if _frozen_plain_head(lm_head):  # LoRA: ZeRO-3 would not re-gather a frozen head to recompute
+        per_token = _with_head_weights(lm_head, lambda w, b: frozen_linear_log_probs(hidden, w, b, targets, count))
+        return per_token.new_zeros(rows).index_add(0, row_of, per_token)
+    per_token = torch.cat(
+        [
+            checkpoint(chunk_log_probs, h, y, use_reentrant=False)
+            for h, y in zip(split_chunks(hidden, count), targets.tensor_split(count))
+        ]
+    )
+    return per_token.new_zeros(rows).index_add(0, row_of, per_token)

@@ -316,6 +316,15 @@ PATCHES: dict[str, Patch] = {
             kind="tracked",
         ),
         _p(
+            "llamafactory.CustomDPOTrainer.concatenated_forward",
+            "llamafactory",
+            ">=0.9.4,<0.10",
+            "LLaMA-Factory's DPO log-probs are sums over tokens of full-sequence logits; under SP they are "
+            "scored from the sharded hidden states instead, so no rank holds the [2B, S, vocab] logits",
+            "a hook for the log-prob computation of LLaMA-Factory's DPO trainer",
+            "tests/test_llamafactory.py::test_dpo_lora_zero3_sp2_equals_no_sp_and_resumes",
+        ),
+        _p(
             "transformers.Trainer.floating_point_ops",
             "transformers",
             _HF,

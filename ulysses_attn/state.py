@@ -38,6 +38,7 @@ class Runtime:
     used_kernels: set = field(default_factory=set)  # kernel labels attend() ran
     replayed_attention_outputs: int = 0  # attention kernel calls that selective checkpointing skipped
     unsharded: int = 0  # depth of transparent.unsharded() blocks: attention runs as without SP
+    capture: Any = None  # transparent.ShardedOutput of a sharded_hidden_states() block
     transparent: bool | None = None  # enable(transparent=...): None picks per Trainer (loss.loss_path)
     attention_calls: int = 0  # calls of the ulysses_flash function (guards: did a layer attend?)
     checked_models: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # guards passed a SP forward

@@ -23,14 +23,20 @@ Memory: every rank holds the full-sequence hidden states after the backbone and 
 
 A forward with a KV cache (``cache`` / ``past_key_values``: generation, prefill included) runs
 unsharded on each rank (:func:`unsharded`).
+
+A loss that is a sum over tokens can skip the gather and the full logits: inside
+:func:`sharded_hidden_states` the backbone leaves ``last_hidden_state`` sharded and hands it, with
+its input shard, to the caller, which scores its ``S/P`` tokens and sums over the group
+(:func:`~ulysses_attn.loss.sp_sum`); ``integrations/llamafactory.py`` does this for DPO log-probs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -41,7 +47,7 @@ from .data import shard_batch
 from .groups import SequenceParallel
 from .state import STATE
 
-__all__ = ["make_transparent", "is_transparent", "unsharded"]
+__all__ = ["make_transparent", "is_transparent", "unsharded", "sharded_hidden_states", "ShardedOutput"]
 
 _RECORD = "transformers.PreTrainedModel.base_model.forward.transparent"
 _CACHE_ARGUMENTS = ("cache", "past_key_values")
@@ -56,6 +62,38 @@ def unsharded() -> Iterator[None]:
         yield
     finally:
         STATE.unsharded -= 1
+
+
+@dataclasses.dataclass
+class ShardedOutput:
+    """What a transparent backbone's forward left sharded in a :func:`sharded_hidden_states` block."""
+
+    score: Callable[[torch.Tensor, dict[str, Any], int], Any] | None = None
+    hidden: torch.Tensor | None = None  # this rank's last_hidden_state, [B, ceil(S/P), H]
+    batch: dict[str, Any] | None = None  # this rank's shard of the backbone's inputs (shard_batch)
+    seq: int = 0  # the full sequence length S
+    scored: Any = None  # what score(hidden, batch, seq) returned
+
+
+@contextlib.contextmanager
+def sharded_hidden_states(score: Callable[[torch.Tensor, dict[str, Any], int], Any] | None = None):
+    """Inside the block, the next forward of a transparent backbone keeps its per-token outputs
+    sharded: ``last_hidden_state`` holds this rank's ``S/P`` tokens only (the model's head, if it
+    runs, sees those), and the returned :class:`ShardedOutput` gets them with the input shard.
+    ``score(hidden, shard, seq)``, if given, runs right there, inside the model's forward (where
+    DeepSpeed ZeRO-3 expects modules such as the LM head to be called), into ``scored``.
+
+    >>> with sharded_hidden_states(lambda h, shard, seq: my_scores(h, model.lm_head)) as out:
+    ...     model(input_ids=ids, attention_mask=mask, logits_to_keep=torch.empty(0, dtype=torch.long))
+    >>> total = loss.sp_sum(out.scored)
+    """
+    if STATE.capture is not None:
+        raise RuntimeError("sharded_hidden_states() blocks do not nest")
+    STATE.capture = ShardedOutput(score=score)
+    try:
+        yield STATE.capture
+    finally:
+        STATE.capture = None
 
 
 def is_transparent(model: torch.nn.Module) -> bool:
@@ -107,6 +145,12 @@ def _sharded_forward(original, kwargs: dict[str, Any], sp: SequenceParallel):
     shard = shard_batch(kwargs, sp)
     local = shard["input_ids" if "input_ids" in kwargs else "inputs_embeds"].shape[1]
     out = original(**shard)
+    capture = STATE.capture
+    if capture is not None and capture.hidden is None:
+        capture.hidden, capture.batch, capture.seq = out[0], shard, seq  # out[0]: last_hidden_state
+        if capture.score is not None:
+            capture.scored = capture.score(out[0], shard, seq)
+        return out
     return _gather_outputs(out, sp, batch, seq, local)
 
 

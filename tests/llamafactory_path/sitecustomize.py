@@ -2,7 +2,8 @@
 
 The LLaMA-Factory processes get this folder on PYTHONPATH (with the torchaudio stand-in beside
 it). When ``ULYSSES_TEST_RECORD`` names a folder, every process records the sequence length each
-decoder layer receives (torch's global module forward pre-hook, the first layer of each forward)
+decoder layer receives (the first layer of each forward; found by a global module hook that then
+removes itself)
 and writes it to ``<folder>/rank<RANK>.json`` at exit: the proof that the layers saw S/P tokens.
 """
 
@@ -18,12 +19,19 @@ if _FOLDER and os.environ.get("RANK") is not None:
     _lengths: list[int] = []
 
     def _record(module, args):
-        # the first decoder layer of each forward (transformers passes hidden_states positionally)
-        first = getattr(getattr(module, "self_attn", None), "layer_idx", None) == 0
-        if first and type(module).__name__.endswith("DecoderLayer") and args and torch.is_tensor(args[0]):
+        if args and torch.is_tensor(args[0]):  # transformers passes hidden_states positionally
             _lengths.append(int(args[0].shape[1]))
 
-    torch.nn.modules.module.register_module_forward_pre_hook(_record)
+    def _find_first_layer(module, args):
+        # a global hook until the first decoder layer runs, then a hook on that layer alone: the
+        # package's LM-head paths step aside while global module hooks exist (they may need the call)
+        if type(module).__name__.endswith("DecoderLayer"):
+            if getattr(getattr(module, "self_attn", None), "layer_idx", None) == 0:
+                _finder.remove()
+                module.register_forward_pre_hook(_record)
+                _record(module, args)
+
+    _finder = torch.nn.modules.module.register_module_forward_pre_hook(_find_first_layer)
 
     def _write() -> None:
         os.makedirs(_FOLDER, exist_ok=True)

@@ -43,6 +43,7 @@ from ..transparent import is_transparent, make_transparent
 from .accelerate import install_metrics_gather, shard_dataloaders_over_dp_groups
 from .deepspeed import reconcile_new_deepspeed_configs, reconcile_sequence_parallel_size
 from .fsdp import fsdp_note, parallelism_config_of, refuse_conflicting_parallelism, refuse_double_checkpointing
+from .llamafactory import is_llamafactory_dpo, sp_aware_dpo_log_probs
 from .trl import fused_trainer_classes, patch_trl
 
 logger = logging.getLogger("ulysses_attn")
@@ -299,6 +300,8 @@ def attach(trainer, sp: SequenceParallel | None = None) -> None:
         STATE.prepared_models.add(m)  # the Trainer shards its inputs (or makes it transparent below)
     if path is LossPath.TRANSPARENT:
         _transparent_models_of(trainer, sp)
+        if is_llamafactory_dpo(trainer):
+            sp_aware_dpo_log_probs(trainer, sp)
     # transparent mode and TRL's fused-head trainers keep whole batches and shard inside the forward
     sharded_inputs = path not in (LossPath.TRANSPARENT, LossPath.TRL_FUSED_HEAD)
     _announce(trainer, sp, path)
@@ -431,6 +434,8 @@ def _announce(trainer, sp: SequenceParallel, path: LossPath) -> None:
     why = full_logits_needed(trainer) if path is LossPath.TRANSPARENT else None
     if path is LossPath.TRANSPARENT:
         why = why or "forced by enable(transparent=True) / --transparent"
+        if is_llamafactory_dpo(trainer):
+            why += "; its DPO log-probs from the sharded hidden states, no full logits"
     fsdp = fsdp_note(trainer)
     announce_once(
         ("start", type(trainer).__name__, path),
