@@ -197,6 +197,7 @@ def main():
     p.add_argument("--eval", action="store_true")
     p.add_argument("--record_head_rows", action="store_true", help="hook the LM head to record its rows per call")
     p.add_argument("--save_steps", type=int, default=0, help="save a checkpoint every N steps (0: never)")
+    p.add_argument("--save_model", action="store_true", help="trainer.save_model(output_dir/final) after training")
     p.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --output_dir")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--torch_compile", action="store_true", help="TrainingArguments(torch_compile=True)")
@@ -263,6 +264,8 @@ def main():
                       eval_dataset=evaluation if args.eval else None, data_collator=collator, callbacks=[seen],
                       compute_loss_func=token_weighted_loss if args.loss_func else None)
     trainer.train(resume_from_checkpoint=True if args.resume else None)
+    if args.save_model:
+        trainer.save_model(os.path.join(args.output_dir, "final"))  # every rank: gathers FSDP / ZeRO-3 shards
     parallelism = parallelism_facts(trainer)
     state = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # collective: gathers ZeRO-3 shards
     selective_layers, skipped_attention = selective_checkpointing(trainer.model)

@@ -19,9 +19,12 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 import pytest
+import torch
 from distributed import run_distributed
 from example_runs import EXAMPLES, ROOT, compare, run_example, tiny_model
 
@@ -120,13 +123,25 @@ def test_fsdp2_sp2_lora_equals_plain(tmp_path, lora_baselines):
     assert any("lora_A" in k for k in sp_run[1])
 
 
-def test_fsdp2_sp2_times_dp2_equals_ddp2(tmp_path, baselines):
+def test_fsdp2_sp2_times_dp2_equals_ddp2_and_saves_a_model_that_loads_without_the_package(tmp_path, baselines):
     ref = baselines("ddp2", nproc=2, extra=["--eval"])
-    sp_run = run_example(tmp_path, nproc=4, sp=2, extra=["--eval", *FSDP_ARGS], env=FSDP_ON_CPU)
+    sp_run = run_example(tmp_path, nproc=4, sp=2, extra=["--eval", "--save_model", *FSDP_ARGS], env=FSDP_ON_CPU)
     assert ref[0]["world_size"] == 2
     assert_same_training(sp_run, ref)
     assert_fsdp2_sharded(sp_run[0], 4)
     assert "SP size 2 x DP size 2 = world 4" in start_line(tmp_path)
+    # trainer.save_model under FSDP2 (FULL_STATE_DICT): the saved model loads in a process that never
+    # imports ulysses_attn, with the trained weights and no trace of ulysses_flash in its config
+    saved, loaded = tmp_path / "final", tmp_path / "loaded.pt"
+    assert "ulysses" not in (saved / "config.json").read_text()
+    load = ("import sys, torch; from transformers import AutoModelForCausalLM; "
+            f"m = AutoModelForCausalLM.from_pretrained({str(saved)!r}); assert 'ulysses_attn' not in sys.modules; "
+            f"torch.save(m.state_dict(), {str(loaded)!r})")
+    subprocess.run([sys.executable, "-c", load], check=True, cwd=tmp_path, timeout=300,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    state = torch.load(loaded)
+    assert set(state) == set(sp_run[1])
+    assert all(torch.equal(state[k], v) for k, v in sp_run[1].items())
 
 
 def test_hsdp_parallelism_config_sp2_times_dp2_equals_ddp2(tmp_path, baselines):
