@@ -77,6 +77,27 @@ def test_zero2_cpu_optimizer_offload(tmp_path, baselines):
     assert_same(sp_run, baselines("plain", extra=["--eval"]), 2)
 
 
+def test_deepspeed_configs_loaded_after_enable_drop_the_sp_key():
+    """A DeepSpeed config loaded before any Trainer exists (TrainingArguments(deepspeed=...) ahead of
+    from_pretrained, as LLaMA-Factory does) has sequence_parallel_size read, checked and removed as it
+    loads; disable() restores both the loader and the key."""
+    import ulysses_attn
+    from accelerate.utils.deepspeed import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    original = HfDeepSpeedConfig.__init__
+    config = json.load(open(Z3))
+    assert config["sequence_parallel_size"] == 2
+    ulysses_attn.enable(sp_size=1)
+    with pytest.raises(ValueError, match="sequence_parallel_size=2 but sequence parallelism was initialised with size 1"):
+        HfTrainerDeepSpeedConfig(config)
+    loaded = HfTrainerDeepSpeedConfig({**config, "sequence_parallel_size": 1})
+    assert "sequence_parallel_size" not in loaded.config and loaded.is_zero3()
+    ulysses_attn.disable()
+    assert HfDeepSpeedConfig.__init__ is original and loaded.config["sequence_parallel_size"] == 1
+    assert HfTrainerDeepSpeedConfig(config).config["sequence_parallel_size"] == 2
+
+
 def test_conflicting_sp_size_is_an_error(tmp_path):
     with pytest.raises(RuntimeError, match="Conflicting sequence-parallel sizes"):
         run_example(tmp_path / "sp", nproc=2, sp=4, deepspeed_config=Z3)

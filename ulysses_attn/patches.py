@@ -331,7 +331,7 @@ PATCHES: dict[str, Patch] = {
             "every rank of an SP group holds the whole batch in transparent mode and TRL's fused-head path; "
             "the Trainer sums the ranks' counts into total_flos",
             "a per-process share in the Trainer's FLOP count",
-            "tests/test_llamafactory.py::test_dpo_lora_zero3_sp2_equals_no_sp",
+            "tests/test_llamafactory.py::test_dpo_lora_zero3_sp2_equals_no_sp_and_resumes",
         ),
         _p(
             "accelerate.utils.deepspeed.HfDeepSpeedConfig.__init__",
