@@ -1,8 +1,8 @@
 """PyTorch FSDP (through accelerate and the HF Trainer) beside sequence parallelism.
 
-FSDP needs no change of the package: FSDP shards every parameter over the whole world and its
-reduce-scatter averages the gradients over all ranks, which is exactly the reduction the SP loss is
-scaled for, as under DDP and ZeRO (docs/fsdp.md). What lives here:
+FSDP needs no change of the package: FSDP shards every parameter over the whole world (HSDP: over
+blocks of it, replicated across them) and averages the gradients over all ranks, which is exactly the
+reduction the SP loss is scaled for, as under DDP and ZeRO (docs/fsdp.md). What lives here:
 
 * :func:`fsdp_note`: what the start line says about FSDP, FSDP2 / FSDP1 when it is on, and that it
   was asked for but is not in use when accelerate trains without it (on a CPU-only machine
@@ -66,10 +66,12 @@ def fsdp_note(trainer: Any) -> str | None:
     asked = fsdp_requested(trainer.args)
     if asked is None:
         return None
+    from accelerate.utils import DistributedType
+
     kind = trainer.accelerator.distributed_type
+    why = " (accelerate drops FSDP under use_cpu)" if kind == DistributedType.MULTI_CPU else ""
     return (
-        f"FSDP was asked for ({asked}) but is NOT in use: accelerate trains with {kind}, every rank holds the "
-        "whole model (on a machine without GPUs accelerate drops FSDP under use_cpu)"
+        f"FSDP was asked for ({asked}) but is NOT in use: accelerate trains with {kind}, each rank holds the model{why}"
     )
 
 
