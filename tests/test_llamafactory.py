@@ -147,3 +147,30 @@ def test_sft_lora_zero3_sp2_equals_no_sp_qwen(lf, tmp_path):
     assert_same_logs(sp_logs, ref_logs, SFT_KEYS)
     assert len([e for e in sp_logs if "loss" in e]) == 4
     assert_sharded(sp_lengths, ref_lengths, 2)
+
+
+# the package's own model-level tests, run again on LLaMA-Factory's transformers 5.2.0: the oldest
+# transformers the package supports (CI runs the whole suite on the newest)
+OLDEST_TRANSFORMERS_TESTS = (
+    "tests/test_attention.py",
+    "tests/test_model_parity.py::test_forward_backward_parity[llama-2]",
+    "tests/test_model_parity.py::test_forward_backward_parity[gemma2-4]",
+    "tests/test_model_parity.py::test_forward_backward_parity_with_padded_heads",
+    "tests/test_transparent.py::test_any_loss_from_logits_exact_sp2[qwen3_moe]",
+    "tests/test_transparent.py::test_generation_runs_unsharded_and_equals_plain",
+)
+
+
+def test_core_tests_pass_on_the_oldest_supported_transformers(lf):
+    python = lf[0]
+    version = subprocess.run(
+        [python, "-c", "import transformers; print(transformers.__version__)"], capture_output=True, text=True
+    ).stdout.strip()
+    assert version == "5.2.0"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": ""}
+    cmd = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *OLDEST_TRANSFORMERS_TESTS]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert " passed" in proc.stdout and "failed" not in proc.stdout and "skipped" not in proc.stdout, proc.stdout[
+        -2000:
+    ]
