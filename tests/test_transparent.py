@@ -252,3 +252,27 @@ def test_compute_loss_func_sp2_times_dp2_equals_ddp2(tmp_path, baselines):
     sp_run = run(tmp_path, nproc=4, sp=2, extra=["--eval", "--loss_func"])
     assert sp_run[0]["world_size"] == 4 and sp_run[0]["loss_path"] == "transparent"
     assert_same_training(sp_run, ref, 2)
+
+
+def _loss_set_after_init_worker(rank, world):
+    from example_runs import tiny_model
+    from transformers import Trainer, TrainingArguments
+
+    ulysses_attn.enable(sp_size=world)
+    model = tiny_model("llama", 40, "ulysses_flash", seed=0)
+    ids = torch.randint(2, 40, (4, 12), generator=torch.Generator().manual_seed(0)).tolist()
+    args = TrainingArguments(
+        output_dir=f"/tmp/ulysses_late_loss_{rank}", max_steps=1, per_device_train_batch_size=1, use_cpu=True,
+        report_to=[], save_strategy="no", seed=0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=[{"input_ids": x, "labels": x} for x in ids])
+    trainer.compute_loss_func = lambda outputs, labels, num_items_in_batch=None: outputs.logits.float().mean()
+    with pytest.raises(RuntimeError, match="compute_loss_func, set after the Trainer was built.*--transparent on"):
+        trainer.train()
+    return True
+
+
+def test_a_logits_loss_set_after_the_trainer_was_built_is_refused():
+    # the sharded path was chosen at construction; a compute_loss_func set afterwards (as some Trainer
+    # subclasses do after super().__init__()) would see a shard of the logits: refused, never silent
+    assert all(run_distributed(_loss_set_after_init_worker, 2))

@@ -201,7 +201,7 @@ PATCHES: dict[str, Patch] = {
             "transformers",
             _HF,
             "transparent mode: the models a trainer sets up after __init__ (TRL's reference models) are made "
-            "transparent before each loss",
+            "transparent before each loss; sharded path: a logits loss set after __init__ is refused, not silent",
             "a Trainer hook after the subclass's __init__",
             "tests/test_trl.py::test_kto_and_reward_trainers_transparent_p2",
         ),
@@ -229,6 +229,34 @@ PATCHES: dict[str, Patch] = {
             "guards watch the decoder layers during the first SP forward",
             "public API (hooks are removed by disable())",
             "tests/test_memory.py::test_long_sequence_options_equal_plain_forward_and_bound_logits",
+            kind="tracked",
+        ),
+        _p(
+            "transformers.GatedDeltaNet._kernel_funcs.causal_conv1d_forward",
+            "transformers",
+            ">=5.25,<6",
+            "a gated delta-net layer's causal conv (Qwen3-Next, Qwen3.5) gets the k-1 positions before its shard "
+            "from the previous ranks under SP (halo exchange)",
+            "a sequence-parallel hook for the kernel functions of linear-attention layers",
+            "tests/test_linear_attention.py::test_gated_delta_net_models_sp_equal_one_process",
+        ),
+        _p(
+            "transformers.GatedDeltaNet._kernel_funcs.chunk_gated_delta_rule",
+            "transformers",
+            ">=5.25,<6",
+            "a gated delta-net layer's delta rule runs over the full sequence for Hv/P value heads under SP "
+            "(all-to-all in and out, as attention)",
+            "a sequence-parallel hook for the kernel functions of linear-attention layers",
+            "tests/test_linear_attention.py::test_gated_delta_net_models_sp_equal_one_process",
+        ),
+        _p(
+            "torch.nn.Module.register_forward_pre_hook",
+            "torch",
+            ">=2.4",
+            "a decoder layer holding a gated delta-net checks each SP forward: its SP kernels still in place, no "
+            "packed rows",
+            "public API (hooks are removed by disable())",
+            "tests/test_linear_attention.py::test_packed_and_cached_forwards_are_refused",
             kind="tracked",
         ),
         _p(

@@ -312,6 +312,7 @@ def attach(trainer, sp: SequenceParallel | None = None) -> None:
             pad = getattr(trainer.processing_class, "pad_token_id", None)
             collator = UlyssesCollator(trainer.data_collator, pad_token_id=pad, sp=sp)
             patches.replace("transformers.Trainer.data_collator", trainer, "data_collator", collator)
+        _refuse_logit_losses_set_later(trainer)
     else:
         _count_flos_once_per_group(trainer, sp)
     shard_dataloaders_over_dp_groups(trainer.accelerator, sp)
@@ -319,6 +320,27 @@ def attach(trainer, sp: SequenceParallel | None = None) -> None:
     patches.replace(
         "transformers.Trainer.gather_function", trainer, "gather_function", trainer.accelerator.gather_for_metrics
     )
+
+
+def _refuse_logit_losses_set_later(trainer) -> None:
+    """The sharded-loss path was chosen when the Trainer was built. A loss that reads the logits
+    set afterwards (``self.compute_loss_func = ...`` after ``super().__init__()``, as some trainer
+    subclasses do) would see only this rank's shard: refuse it on the first step, naming the fix."""
+    compute_loss = trainer.compute_loss
+
+    @functools.wraps(compute_loss)
+    def compute_loss_checked(*args, **kwargs):
+        reason = full_logits_needed(trainer)
+        if reason is not None:
+            raise RuntimeError(
+                f"ulysses_attn: {type(trainer).__name__} has {reason}, set after the Trainer was built, when the "
+                "package chose the sharded-loss path: that loss would see only this rank's shard of the logits. "
+                "Pass it to the Trainer's constructor (in a subclass, before super().__init__()), or launch with "
+                "--transparent on (enable(transparent=True))."
+            )
+        return compute_loss(*args, **kwargs)
+
+    patches.replace("transformers.Trainer.compute_loss", trainer, "compute_loss", compute_loss_checked)
 
 
 def _count_flos_once_per_group(trainer, sp: SequenceParallel) -> None:
