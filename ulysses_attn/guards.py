@@ -8,7 +8,9 @@ attention function sees the whole sequence. Two kinds of model code see just the
   that would mix only its rank's shard: :func:`refuse_token_mixing` refuses, by two rules that name
   no model: a decoder layer holding a convolution over the sequence (``nn.Conv1d``, kernel > 1) or a
   state-space decay (``A_log``), found before the first forward; and a decoder layer that ran
-  without calling the attention function, found in the first forward.
+  without calling the attention function, found in the first forward. The gated delta-net layers
+  of Qwen3-Next / Qwen3.5 are made exact first (:func:`ulysses_attn.linear_attention.make_exact`)
+  and pass both rules; every other such layer is refused.
 - **RoPE that depends on the sequence length** (``dynamic``, ``longrope``, PhiMoE's scaling):
   its frequencies follow ``max(position_ids)``, which differs between the shards.
   :func:`global_rope_lengths` makes such a module see the group's maximum position.
@@ -26,7 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import patches
+from . import linear_attention, patches
 from .models import decoder_layers
 from .state import STATE, active_sp
 
@@ -61,11 +63,15 @@ def _advice(model: torch.nn.Module) -> str:
 
 def token_mixing_modules(model: torch.nn.Module) -> list[str]:
     """The decoder-layer submodules of ``model`` that mix tokens outside attention, as
-    ``"name (what)"``: convolutions over the sequence and state-space / delta-rule decays."""
+    ``"name (what)"``: convolutions over the sequence and state-space / delta-rule decays (those
+    inside a gated delta-net layer made exact, :func:`ulysses_attn.linear_attention.is_exact`, excepted)."""
     names = {id(m): n for n, m in model.named_modules()}
     found = []
     for layer in decoder_layers(model):
+        exact = {id(s) for m in layer.modules() if linear_attention.is_exact(m) for s in m.modules()}
         for sub in layer.modules():
+            if id(sub) in exact:
+                continue
             if isinstance(sub, torch.nn.Conv1d) and sub.kernel_size[0] > 1:
                 found.append(f"{names.get(id(sub), '?')} (Conv1d over the sequence, kernel {sub.kernel_size[0]})")
             elif any(n in DECAY_PARAMETERS for n, _ in sub.named_parameters(recurse=False)):
@@ -156,6 +162,8 @@ def _watch_layers(model: torch.nn.Module) -> list:
             _start[:] = [STATE.attention_calls]
 
         def after(m, args, out, _start=start):
+            if active_sp() is None:  # an unsharded forward (generation) inside the first SP step: not checked
+                return
             if _start and STATE.attention_calls == _start[0]:
                 raise TokenMixingOutsideAttention(
                     f"ulysses_flash: decoder layer {type(m).__name__} ran without calling the attention function, "
@@ -177,8 +185,12 @@ def _first_sp_forward(model: torch.nn.Module, args, kwargs) -> None:
             f"so the package cannot check that it mixes tokens only in attention. {_advice(model)}"
         )
     refuse_unprepared_selected_model(model)
+    exact_linear_layers = linear_attention.make_exact(model)
     refuse_token_mixing(model)
-    if not getattr(model, "_supports_attention_backend", False):
+    # the hybrid families made exact (Qwen3-Next, Qwen3.5) call the attention interface without setting the
+    # flag; that each of their decoder layers calls it (or the package's delta rule) is checked by the layer
+    # watch below, in this forward
+    if not exact_linear_layers and not getattr(model, "_supports_attention_backend", False):
         raise NotImplementedError(
             f"ulysses_flash: {type(model).__name__} does not route its attention through transformers' "
             f"AttentionInterface (_supports_attention_backend is not set), so the sequence-parallel attention "
@@ -192,6 +204,8 @@ def _first_sp_forward(model: torch.nn.Module, args, kwargs) -> None:
     handles = _watch_layers(model)
 
     def done(m, args, kwargs, out):
+        if active_sp() is None:  # an unsharded forward checks nothing: the next SP forward is watched
+            return
         remove_watchers()
         for member in members:
             STATE.checking_models.discard(member)

@@ -1,0 +1,286 @@
+"""Gated delta-net (linear-attention) layers made exact under sequence parallelism.
+
+Qwen3-Next and Qwen3.5 (dense and MoE) mix full-attention layers with gated delta-net (GDN) layers.
+A GDN layer mixes tokens twice, outside the attention function:
+
+1. a short depthwise causal convolution (kernel ``k``, 4 in the released models) over q, k, v;
+2. the gated delta rule: per value head a recurrence over the whole sequence.
+
+Under SP each rank holds ``S/P`` tokens. The layer is made exact by replacing, on each layer
+instance, the two kernel functions transformers routes through the layer (``use_kernelized_func``:
+``layer._kernel_funcs["causal_conv1d_forward"]`` and ``["chunk_gated_delta_rule"]``):
+
+- :func:`halo_from_previous`: the convolution gets the ``k - 1`` positions before its shard from the
+  ranks before it (zeros on rank 0), convolves ``halo + shard`` and drops the halo's outputs;
+- :func:`heads_to_sequence` / :func:`sequence_to_heads`: the delta rule runs Ulysses-style: q, k, v,
+  g and beta go through an all-to-all to the full sequence for ``Hv/P`` value heads, the layer's own
+  chunked kernel runs on them, and its output comes back to ``S/P`` tokens of every head.
+
+Everything else in the layer (projections, the padding mask, the gated norm) is per token. Outside
+SP (one process, P = 1, :func:`ulysses_attn.transparent.unsharded`) the originals run unchanged,
+cached generation included. Refused under SP, with an error: a cache (``use_cache=True``,
+generation), packed rows (``cu_seq_lens`` or restarting ``position_ids``), value heads that P does
+not divide.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import types
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from . import patches
+from .comm import all_gather_seq, gather_heads_scatter_seq, gather_seq_scatter_heads
+from .groups import SequenceParallel
+from .layout import cached_layout, sequence_layout
+from .models import decoder_layers
+from .state import STATE, active_sp
+
+__all__ = [
+    "EXACT_LAYERS",
+    "is_gated_delta_net",
+    "is_exact",
+    "make_exact",
+    "halo_from_previous",
+    "sp_causal_conv",
+    "heads_to_sequence",
+    "sequence_to_heads",
+    "sp_gated_delta_rule",
+]
+
+# the GDN layer classes whose forward was read and parity-tested (transformers 5.25): every token
+# mixing of theirs goes through the two kernel functions below
+EXACT_LAYERS = frozenset(
+    {
+        "transformers.models.qwen3_next.modeling_qwen3_next.Qwen3NextGatedDeltaNet",
+        "transformers.models.qwen3_5.modeling_qwen3_5.Qwen3_5GatedDeltaNet",
+        "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe.Qwen3_5MoeGatedDeltaNet",
+    }
+)
+CONV = "causal_conv1d_forward"
+RULE = "chunk_gated_delta_rule"
+_RECORDS = {
+    CONV: "transformers.GatedDeltaNet._kernel_funcs.causal_conv1d_forward",
+    RULE: "transformers.GatedDeltaNet._kernel_funcs.chunk_gated_delta_rule",
+}
+_CHECK = "torch.nn.Module.register_forward_pre_hook"
+_CHECKED = "_ulysses_gdn_checked"
+_PACKED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens", "seq_idx")
+
+
+def is_gated_delta_net(module: torch.nn.Module) -> bool:
+    """``module`` is one of the GDN layer classes this module makes exact (:data:`EXACT_LAYERS`)."""
+    cls = type(module)
+    return f"{cls.__module__}.{cls.__qualname__}" in EXACT_LAYERS
+
+
+def _kernel_funcs(module: torch.nn.Module) -> dict[str, torch.nn.Module] | None:
+    """The layer's private kernel wrappers (set by ``kernels.use_kernelized_func``), if it has both."""
+    funcs = vars(module).get("_kernel_funcs")
+    if not isinstance(funcs, dict) or CONV not in funcs or RULE not in funcs:
+        return None
+    return funcs
+
+
+def is_exact(module: torch.nn.Module) -> bool:
+    """``module`` is a GDN layer whose two kernel functions are the sequence-parallel ones now."""
+    funcs = _kernel_funcs(module) if is_gated_delta_net(module) else None
+    return funcs is not None and all(patches.is_replaced(funcs[name], "forward") for name in (CONV, RULE))
+
+
+def make_exact(model: torch.nn.Module) -> int:
+    """Put the sequence-parallel convolution and delta rule into every GDN layer of ``model`` and a
+    per-forward check on the decoder layers holding them (idempotent; :func:`ulysses_attn.disable`
+    undoes it). Returns the number of GDN layers that are exact."""
+    count = 0
+    for layer in decoder_layers(model):
+        gdns = [m for m in layer.modules() if is_gated_delta_net(m) and _kernel_funcs(m) is not None]
+        for gdn in gdns:
+            _install_kernels(gdn)
+        if gdns and not vars(layer).get(_CHECKED, False):
+            _install_check(layer, gdns)
+        count += len(gdns)
+    return count
+
+
+def _install_kernels(gdn: torch.nn.Module) -> None:
+    funcs = _kernel_funcs(gdn)
+    assert funcs is not None
+    for name, make in ((CONV, sp_causal_conv), (RULE, sp_gated_delta_rule)):
+        wrapper = funcs[name]
+        if not patches.is_replaced(wrapper, "forward"):
+            # a bound method, as kernels expects of a kernel function's forward (it reads ``forward.__func__``)
+            forward = _ignore_self(make(wrapper.forward))
+            patches.replace(_RECORDS[name], wrapper, "forward", types.MethodType(forward, wrapper))
+
+
+def _ignore_self(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` as a method: kernels calls a kernel function's ``forward.__func__`` with the model's
+    shared wrapper as ``self`` under torch.compile, so the replacement must not depend on it."""
+
+    @functools.wraps(fn)
+    def forward(_self: Any, *args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    return forward
+
+
+def _install_check(layer: torch.nn.Module, gdns: list[torch.nn.Module]) -> None:
+    handle = layer.register_forward_pre_hook(functools.partial(_check_forward, gdns), with_kwargs=True)
+    vars(layer)[_CHECKED] = True
+
+    def undo() -> None:
+        handle.remove()
+        vars(layer).pop(_CHECKED, None)
+
+    patches.track(_CHECK, layer, undo)
+
+
+def _check_forward(gdns: list[torch.nn.Module], layer: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """Before each SP forward of a decoder layer holding GDN layers: their sequence-parallel kernels
+    are still in place (``kernels.kernelize`` replaces the same functions), and the rows are not packed."""
+    sp = active_sp()
+    if sp is None or sp.size == 1:
+        return
+    for gdn in gdns:
+        if not is_exact(gdn):
+            raise NotImplementedError(
+                f"ulysses_flash: the kernel functions of {type(gdn).__name__} were replaced after the package made "
+                "them sequence-parallel (kernels.kernelize?), so the layer would mix only its rank's shard. Kernelize "
+                "before the first sequence-parallel forward, or train without sequence parallelism (sp_size=1)."
+            )
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    positions = kwargs.get("position_ids")
+    if isinstance(hidden, torch.Tensor) and isinstance(positions, torch.Tensor):
+        _refuse_restarting_positions(positions, hidden.shape[0], hidden.shape[1], sp, type(gdns[0]).__name__)
+
+
+def _refuse_restarting_positions(positions: torch.Tensor, batch: int, seq_local: int, sp, layer: str) -> None:
+    """Packed documents (``position_ids`` restarting inside a row) are refused: the GDN kernels here
+    run each row as one sequence. The full sequence's layout is built once per forward (cached)."""
+    rows = positions.expand(batch, -1)
+    layout = cached_layout(
+        (positions, None, None),
+        ("gated_delta_net", batch, seq_local, sp.size),
+        lambda: sequence_layout(sp, rows, None, None, None, batch, seq_local, (0, 0), True, positions.device),
+    )
+    if not layout.dense:
+        raise _packed(layer)
+
+
+def _packed(layer: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"ulysses_flash: packed rows (position_ids restarting, or cu_seq_lens) in a model with {layer} layers are "
+        "not supported under sequence parallelism yet: their convolution and delta rule would run across the "
+        "document boundaries. Pad the documents into rows of their own, or train without sequence parallelism "
+        "(sp_size=1)."
+    )
+
+
+def _refuse_cache(cache: Any, layer: str) -> None:
+    if cache is not None:
+        raise NotImplementedError(
+            f"ulysses_flash: a forward with a cache (use_cache=True, generation) through {layer} under sequence "
+            "parallelism is not supported: the cache would hold one shard's states. Pass use_cache=False, or "
+            "generate under ulysses_attn.unsharded() / in one process."
+        )
+
+
+def _refuse_packed_kwargs(kwargs: dict[str, Any], layer: str) -> None:
+    if any(kwargs.get(k) is not None for k in _PACKED_KWARGS):
+        raise _packed(layer)
+
+
+def _sp(sp: SequenceParallel | None) -> SequenceParallel | None:
+    return None if sp is None or sp.size == 1 else sp
+
+
+def halo_from_previous(x: torch.Tensor, width: int, group: Any) -> torch.Tensor:
+    """The ``width`` positions of the full sequence just before this rank's shard of ``x [B, C, L]``,
+    as ``[B, C, width]``: zeros before the first token (rank 0). Every rank's last ``min(L, width)``
+    positions are all-gathered (``P * width * C`` elements per row, whatever S), so a shard shorter
+    than the halo takes positions from several ranks back. Differentiable: the halo's gradient goes
+    back to the ranks it came from."""
+    if width == 0:
+        return x[..., :0]
+    rank = dist.get_rank(group)
+    tail = x[..., -min(x.shape[-1], width) :]
+    tails = all_gather_seq(tail.unsqueeze(0), group, dim=0)  # [P, B, C, t], rank order
+    before = tails[:rank].permute(1, 2, 0, 3).flatten(2)  # [B, C, rank * t]: the positions before this shard
+    before = before[..., -width:] if before.shape[-1] >= width else before
+    return F.pad(before, (width - before.shape[-1], 0))
+
+
+def sp_causal_conv(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``causal_conv1d_forward(conv1d, hidden_states [B, C, L], cache, layer_idx, ...)`` that, under
+    SP, convolves the shard with the ``k - 1`` positions before it (:func:`halo_from_previous`):
+    the output equals the full sequence's convolution at this shard's positions."""
+
+    def causal_conv1d_forward(conv1d, hidden_states, cache=None, layer_idx=0, *args, **kwargs):
+        sp = _sp(active_sp())
+        if sp is None:
+            return original(conv1d, hidden_states, cache, layer_idx, *args, **kwargs)
+        _refuse_cache(cache, type(conv1d).__name__ + " of a gated delta-net")
+        _refuse_packed_kwargs(kwargs, "gated delta-net")
+        width = conv1d.kernel_size[0] - 1
+        halo = halo_from_previous(hidden_states, width, sp.group)
+        out = original(
+            conv1d, torch.cat([halo.to(hidden_states.dtype), hidden_states], dim=-1), None, layer_idx, *args, **kwargs
+        )
+        return out[..., width:]
+
+    return causal_conv1d_forward
+
+
+def heads_to_sequence(x: torch.Tensor, group: Any) -> torch.Tensor:
+    """``[B, S/P, H, ...] -> [B, S, H/P, ...]`` (one all-to-all; its backward is the inverse)."""
+    return gather_seq_scatter_heads(x.transpose(1, 2), group).transpose(1, 2)
+
+
+def sequence_to_heads(x: torch.Tensor, group: Any) -> torch.Tensor:
+    """``[B, S, H/P, ...] -> [B, S/P, H, ...]``, the inverse of :func:`heads_to_sequence`."""
+    return gather_heads_scatter_seq(x.transpose(1, 2), group).transpose(1, 2).contiguous()
+
+
+def key_replication(value_heads: int, key_heads: int, sp_size: int) -> int:
+    """How many times each q/k head is repeated so that the q/k heads split over ``sp_size`` ranks
+    with every rank's value heads finding theirs locally (k head i serves the consecutive value heads
+    ``[i * Hv/Hk, (i + 1) * Hv/Hk)``); raises when P does not divide the value heads."""
+    if value_heads % sp_size or value_heads % key_heads:
+        raise NotImplementedError(
+            f"ulysses_flash: a gated delta-net layer with {value_heads} value heads ({key_heads} key heads) cannot "
+            f"split its heads over sequence-parallel size {sp_size}. Use an SP size that divides {value_heads}: "
+            f"{[p for p in range(1, value_heads + 1) if value_heads % p == 0]}."
+        )
+    return math.lcm(key_heads, sp_size) // key_heads
+
+
+def sp_gated_delta_rule(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``chunk_gated_delta_rule(q, k, v, g, beta, ...)`` on ``[B, S/P, heads, ...]`` that, under SP,
+    runs ``original`` on the full sequence for ``Hv/P`` value heads (Ulysses) and returns this
+    shard's output of every head; no final state (that needs a cache, refused)."""
+
+    def chunk_gated_delta_rule(query, key, value, g, beta, *args, **kwargs):
+        sp = _sp(active_sp())
+        if sp is None:
+            return original(query, key, value, g, beta, *args, **kwargs)
+        if kwargs.get("initial_state") is not None or kwargs.get("output_final_state"):
+            _refuse_cache(True, "a gated delta-net")
+        _refuse_packed_kwargs(kwargs, "gated delta-net")
+        if args:
+            raise TypeError("chunk_gated_delta_rule under sequence parallelism takes its options as keywords")
+        rep = key_replication(value.shape[2], key.shape[2], sp.size)
+        if rep > 1:
+            query, key = (t.repeat_interleave(rep, dim=2) for t in (query, key))
+        q, k, v, gate, b = (heads_to_sequence(t, sp.group) for t in (query, key, value, g, beta))
+        STATE.attention_calls += 1  # the layer mixed its tokens through the package (guards' layer watch)
+        out, _ = original(q, k, v, g=gate, beta=b, **kwargs)
+        return sequence_to_heads(out, sp.group), None
+
+    return chunk_gated_delta_rule
