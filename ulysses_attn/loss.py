@@ -245,6 +245,18 @@ def default_loss_chunk_tokens(vocab_size: int, budget_bytes: int = 1 << 30) -> i
     return max(64, budget_bytes // (4 * vocab_size))
 
 
+def _scored_tokens(hidden_states, shift_labels, lm_head, chunk_tokens, ignore_index):
+    """The hidden states and targets of the tokens that have a target (flattened), their flat
+    indices, and the chunk size (default: :func:`default_loss_chunk_tokens` of the vocabulary)."""
+    targets = shift_labels.reshape(-1)
+    scored = (targets != ignore_index).nonzero().squeeze(1)
+    hidden = hidden_states.reshape(-1, hidden_states.shape[-1]).index_select(0, scored)
+    if chunk_tokens is None:  # a ZeRO-3 partition keeps its full shape in ds_shape
+        weight: Any = lm_head.weight
+        chunk_tokens = default_loss_chunk_tokens(getattr(weight, "ds_shape", weight.shape)[0])
+    return hidden, targets.index_select(0, scored), scored, chunk_tokens
+
+
 def chunked_causal_lm_loss(
     hidden_states: torch.Tensor,
     lm_head: torch.nn.Module,
@@ -261,7 +273,8 @@ def chunked_causal_lm_loss(
 
     Only tokens with a label are projected, ``chunk_tokens`` at a time. A plain bias-free
     ``nn.Linear`` head goes through :mod:`~ulysses_attn.fused_cross_entropy` (gradients computed
-    with each chunk's logits in the forward, nothing recomputed). Otherwise -- under ZeRO-3, with a
+    with each chunk's logits in the forward, nothing recomputed), as does a frozen one (LoRA) whose
+    weight ZeRO-3 partitions (gathered once per loss). Otherwise -- under ZeRO-3, with a
     hooked or wrapped head (PEFT, accelerate offload), logit scaling or soft-capping -- each chunk
     runs under non-reentrant activation checkpointing and calls the head as a module (so ZeRO-3
     gathers its weight): the chunk's logits are freed after the forward and recomputed in the
@@ -273,13 +286,7 @@ def chunked_causal_lm_loss(
     """
     sp = sp if sp is not None else get_sequence_parallel()
     shift_labels = _full_sequence_shift_labels(labels, shift_labels, ignore_index, sp).to(hidden_states.device)
-    targets = shift_labels.reshape(-1)
-    scored = (targets != ignore_index).nonzero().squeeze(1)
-    hidden = hidden_states.reshape(-1, hidden_states.shape[-1]).index_select(0, scored)
-    targets = targets.index_select(0, scored)
-    if chunk_tokens is None:  # a ZeRO-3 partition keeps its full shape in ds_shape
-        weight: Any = lm_head.weight
-        chunk_tokens = default_loss_chunk_tokens(getattr(weight, "ds_shape", weight.shape)[0])
+    hidden, targets, _, chunk_tokens = _scored_tokens(hidden_states, shift_labels, lm_head, chunk_tokens, ignore_index)
 
     def chunk_loss(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = lm_head(h).float()
@@ -296,7 +303,7 @@ def chunked_causal_lm_loss(
         local_sum = linear_cross_entropy_sum(hidden, head_weight, targets, count)
         return _mean_over_group(local_sum, shift_labels, num_items_in_batch, ignore_index, sp)
     frozen = logit_scale == 1.0 and final_logit_softcapping is None and getattr(lm_head, "bias", None) is None
-    if frozen and _frozen_plain_head(lm_head):  # LoRA: ZeRO-3 would not re-gather a frozen head to recompute
+    if frozen and _frozen_plain_head(lm_head):  # LoRA: the whole weight once, nothing recomputed
         local_sum = _with_head_weights(lm_head, lambda w, b: linear_cross_entropy_sum(hidden, w, targets, count))
         return _mean_over_group(local_sum, shift_labels, num_items_in_batch, ignore_index, sp)
     local_sum = sum(
@@ -314,22 +321,21 @@ def chunked_row_log_probs(
     ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
     """Per row, the sum of ``log_softmax(lm_head(h))[target]`` over the tokens with a target, without
-    materialising the logits: the scored tokens go through the head ``chunk_tokens`` at a time, each
-    chunk under non-reentrant activation checkpointing (its fp32 logits freed after the forward and
-    recomputed in the backward; the head is called as a module, so ZeRO-3 gathers its weight).
+    materialising the logits: the scored tokens go through the head ``chunk_tokens`` at a time. A
+    frozen plain head (LoRA) is used through its whole weight (gathered once under ZeRO-3) with the
+    hidden gradient computed in the forward (:func:`~ulysses_attn.fused_cross_entropy.frozen_linear_log_probs`);
+    otherwise each chunk runs under non-reentrant activation checkpointing (its fp32 logits freed
+    after the forward and recomputed in the backward; the head called as a module).
     ``hidden_states`` is ``[B, T, H]`` (a sequence shard), ``shift_labels`` ``[B, T]``; returns ``[B]``
     fp32 sums for these tokens -- add them over the SP group with :func:`sp_sum`.
 
     >>> logps = sp_sum(chunked_row_log_probs(shard_hidden, model.lm_head, shard["shift_labels"]))
     """
     rows, tokens = shift_labels.shape
-    targets = shift_labels.to(hidden_states.device).reshape(-1)
-    scored = (targets != ignore_index).nonzero().squeeze(1)
-    hidden = hidden_states.reshape(-1, hidden_states.shape[-1]).index_select(0, scored)
-    targets = targets.index_select(0, scored)
-    if chunk_tokens is None:  # a ZeRO-3 partition keeps its full shape in ds_shape
-        weight: Any = lm_head.weight
-        chunk_tokens = default_loss_chunk_tokens(getattr(weight, "ds_shape", weight.shape)[0])
+    shift_labels = shift_labels.to(hidden_states.device)
+    hidden, targets, scored, chunk_tokens = _scored_tokens(
+        hidden_states, shift_labels, lm_head, chunk_tokens, ignore_index
+    )
 
     def chunk_log_probs(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return _at_least_fp32(lm_head(h)).log_softmax(-1).gather(1, y[:, None]).squeeze(1)
@@ -337,7 +343,7 @@ def chunked_row_log_probs(
     # an empty shard still runs the head, so every rank calls it (and ZeRO-3 gathers) alike
     count = chunk_count(len(targets), chunk_tokens, hidden.device)
     row_of = torch.div(scored, tokens, rounding_mode="floor")
-    if _frozen_plain_head(lm_head):  # LoRA: ZeRO-3 would not re-gather a frozen head to recompute
+    if _frozen_plain_head(lm_head):  # LoRA: the whole weight once, nothing recomputed
         per_token = _with_head_weights(lm_head, lambda w, b: frozen_linear_log_probs(hidden, w, b, targets, count))
         return per_token.new_zeros(rows).index_add(0, row_of, per_token)
     per_token = torch.cat(
