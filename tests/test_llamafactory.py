@@ -157,8 +157,6 @@ def test_sft_lora_zero3_sp2_equals_no_sp_qwen(lf, tmp_path):
 OLDEST_TRANSFORMERS_TESTS = (
     "tests/test_attention.py",
     "tests/test_model_parity.py::test_forward_backward_parity[llama-2]",
-    "tests/test_model_parity.py::test_forward_backward_parity[gemma2-4]",
-    "tests/test_model_parity.py::test_forward_backward_parity_with_padded_heads",
     "tests/test_transparent.py::test_any_loss_from_logits_exact_sp2[qwen3_moe]",
     "tests/test_transparent.py::test_generation_runs_unsharded_and_equals_plain",
 )
