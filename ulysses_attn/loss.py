@@ -223,19 +223,30 @@ def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
+LogitTransform = Callable[[torch.Tensor], torch.Tensor]  # what the model does after its head (head.py)
+
+
 @torch.no_grad()
-def chunked_logit_sums(hidden: torch.Tensor, lm_head: torch.nn.Module, chunk_tokens: int | None = None) -> torch.Tensor:
-    """``lm_head(hidden).sum(-1)`` (in fp32 at least) for ``hidden`` ``[tokens, H]``, without a gradient and
-    without the ``[tokens, vocab]`` logits (``chunk_tokens`` at a time): for metrics such as a mean
-    logit."""
+def chunked_logit_sums(
+    hidden: torch.Tensor,
+    lm_head: torch.nn.Module,
+    chunk_tokens: int | None = None,
+    transform: LogitTransform | None = None,
+) -> torch.Tensor:
+    """``transform(lm_head(hidden)).sum(-1)`` (in fp32 at least) for ``hidden`` ``[tokens, H]``, without a
+    gradient and without the ``[tokens, vocab]`` logits (``chunk_tokens`` at a time): for metrics such
+    as a mean logit."""
     weight: Any = lm_head.weight
     chunk_tokens = chunk_tokens or default_loss_chunk_tokens(getattr(weight, "ds_shape", weight.shape)[0])
     count = chunk_count(len(hidden), chunk_tokens, hidden.device)
+    transform = transform or (lambda logits: logits)
     if _frozen_plain_head(lm_head):
         chunks = split_chunks(hidden, count)
-        sums = _with_head_weights(lm_head, lambda w, b: [_at_least_fp32(F.linear(h, w, b)).sum(-1) for h in chunks])
+        sums = _with_head_weights(
+            lm_head, lambda w, b: [transform(_at_least_fp32(F.linear(h, w, b))).sum(-1) for h in chunks]
+        )
     else:
-        sums = [_at_least_fp32(lm_head(h)).sum(-1) for h in split_chunks(hidden, count)]
+        sums = [transform(_at_least_fp32(lm_head(h))).sum(-1) for h in split_chunks(hidden, count)]
     return torch.cat(sums)
 
 
@@ -319,13 +330,16 @@ def chunked_row_log_probs(
     shift_labels: torch.Tensor,
     chunk_tokens: int | None = None,
     ignore_index: int = IGNORE_INDEX,
+    transform: LogitTransform | None = None,
 ) -> torch.Tensor:
-    """Per row, the sum of ``log_softmax(lm_head(h))[target]`` over the tokens with a target, without
-    materialising the logits: the scored tokens go through the head ``chunk_tokens`` at a time. A
-    frozen plain head (LoRA) is used through its whole weight (gathered once under ZeRO-3) with the
-    hidden gradient computed in the forward (:func:`~ulysses_attn.fused_cross_entropy.frozen_linear_log_probs`);
-    otherwise each chunk runs under non-reentrant activation checkpointing (its fp32 logits freed
-    after the forward and recomputed in the backward; the head called as a module).
+    """Per row, the sum of ``log_softmax(transform(lm_head(h)))[target]`` over the tokens with a target,
+    without materialising the logits: the scored tokens go through the head ``chunk_tokens`` at a time.
+    ``transform`` is what the model's forward does to the head's output (logit scale, soft-cap:
+    :func:`~ulysses_attn.head.checked_logit_transform`). Without one, a frozen plain head (LoRA) is
+    used through its whole weight (gathered once under ZeRO-3) with the hidden gradient computed in
+    the forward (:func:`~ulysses_attn.fused_cross_entropy.frozen_linear_log_probs`); otherwise
+    each chunk runs under non-reentrant activation checkpointing (its fp32 logits freed after the
+    forward and recomputed in the backward; the head called as a module).
     ``hidden_states`` is ``[B, T, H]`` (a sequence shard), ``shift_labels`` ``[B, T]``; returns ``[B]``
     fp32 sums for these tokens -- add them over the SP group with :func:`sp_sum`.
 
@@ -338,12 +352,14 @@ def chunked_row_log_probs(
     )
 
     def chunk_log_probs(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return _at_least_fp32(lm_head(h)).log_softmax(-1).gather(1, y[:, None]).squeeze(1)
+        logits = _at_least_fp32(lm_head(h))
+        logits = logits if transform is None else transform(logits)
+        return logits.log_softmax(-1).gather(1, y[:, None]).squeeze(1)
 
     # an empty shard still runs the head, so every rank calls it (and ZeRO-3 gathers) alike
     count = chunk_count(len(targets), chunk_tokens, hidden.device)
     row_of = torch.div(scored, tokens, rounding_mode="floor")
-    if _frozen_plain_head(lm_head):  # LoRA: the whole weight once, nothing recomputed
+    if transform is None and _frozen_plain_head(lm_head):  # LoRA: the whole weight once, nothing recomputed
         per_token = _with_head_weights(lm_head, lambda w, b: frozen_linear_log_probs(hidden, w, b, targets, count))
         return per_token.new_zeros(rows).index_add(0, row_of, per_token)
     per_token = torch.cat(

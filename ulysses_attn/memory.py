@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from . import patches
+from .head import LogitTransform, checked_logit_transform
 from .loss import LossPath, chunked_causal_lm_loss, loss_path
 from .models import decoder_layers
 from .offload import CheckpointOffloader
@@ -80,15 +81,6 @@ _ENV_SIZES = {
     "ULYSSES_MLP_CHUNK_TOKENS": "mlp_chunk_tokens",
     "ULYSSES_OFFLOAD_MIN_BYTES": "offload_min_bytes",
 }
-
-
-def _logit_transform(config) -> tuple[float, float | None]:
-    """(scale, final softcap) the model's own forward applies to its logits, from its config."""
-    text = config.get_text_config()
-    scale = getattr(text, "logit_scale", None)  # Cohere multiplies
-    if scale is None and getattr(text, "logits_scaling", None):
-        scale = 1.0 / text.logits_scaling  # Granite divides
-    return float(scale if scale is not None else 1.0), getattr(text, "final_logit_softcapping", None)
 
 
 def configure_memory(model: torch.nn.Module, options: MemoryOptions | None = None, **kwargs) -> MemoryOptions:
@@ -167,16 +159,15 @@ def _backbone_forward(model: Any, original: Any) -> Any:
 
 
 def _chunked_loss_forward(model: Any, original: Any) -> Any:
-    scale, softcap = _logit_transform(model.config)
-
     @functools.wraps(original)
     def forward(*args, **kwargs):
         options: MemoryOptions = model._ulysses_memory
         training = model.training and torch.is_grad_enabled()
         path = loss_path(model, chunked_loss=options.chunked_loss, call=(args, kwargs), training=training)
-        if path is not LossPath.CHUNKED:
+        transform = checked_logit_transform(model, original) if path is LossPath.CHUNKED else None
+        if transform is None:  # not chunked, or logits the chunked loss cannot reproduce (warned)
             return original(*args, **kwargs)
-        return _loss_from_hidden_states(model, options, scale, softcap, **kwargs)
+        return _loss_from_hidden_states(model, options, transform, **kwargs)
 
     return forward
 
@@ -184,8 +175,7 @@ def _chunked_loss_forward(model: Any, original: Any) -> Any:
 def _loss_from_hidden_states(
     model,
     options: MemoryOptions,
-    scale: float,
-    softcap,
+    transform: LogitTransform,
     *,
     labels=None,
     shift_labels=None,
@@ -205,7 +195,7 @@ def _loss_from_hidden_states(
         shift_labels=shift_labels,
         num_items_in_batch=num_items_in_batch,
         chunk_tokens=options.loss_chunk_tokens,
-        logit_scale=scale,
-        final_logit_softcapping=softcap,
+        logit_scale=transform.scale,
+        final_logit_softcapping=transform.softcap,
     )
     return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=out.hidden_states, attentions=out.attentions)

@@ -45,6 +45,7 @@ class Runtime:
     checking_models: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # guards watching a SP forward
     selected_models: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # given ulysses_flash by select_backend
     prepared_models: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # whose inputs the package shards
+    logit_transforms: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)  # head.py's checks
 
 
 STATE = Runtime()

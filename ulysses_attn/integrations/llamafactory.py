@@ -11,9 +11,11 @@ through the LM head chunk by chunk (:func:`~ulysses_attn.loss.chunked_row_log_pr
 sums are added over the SP group. No rank ever holds the ``[2B, S, vocab]`` logits. The loss types,
 the reference log-probs (adapter disabled or a reference model), ``pref_ftx`` and every metric stay
 LLaMA-Factory's own code; ``logits/chosen`` / ``logits/rejected`` are computed over the same
-positions as LLaMA-Factory's (every position of the padded rows) without a gradient. LD-DPO
-(``ld_alpha``) needs per-position masks of the whole sequence: it keeps LLaMA-Factory's own
-forward (transparent, exact, with full logits).
+positions as LLaMA-Factory's (every position of the padded rows) without a gradient. Logit scaling
+and soft-capping (Cohere, Granite, Gemma 2/3) are applied after the head; a model whose logits are
+something else (``head.checked_logit_transform`` checks each model once) keeps LLaMA-Factory's own
+forward (transparent, exact, with full logits), as does LD-DPO (``ld_alpha``), which needs
+per-position masks of the whole sequence.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch.distributed as dist
 from .. import patches
 from ..data import shard_batch
 from ..groups import SequenceParallel
+from ..head import checked_logit_transform
 from ..labels import IGNORE_INDEX
 from ..labels import shift_labels as full_sequence_shift
 from ..loss import chunked_logit_sums, chunked_row_log_probs, sp_sum
@@ -54,17 +57,21 @@ def sp_aware_dpo_log_probs(trainer, sp: SequenceParallel) -> None:
     def concatenated_forward(model, batch, is_ref_model=False):
         if not is_ref_model and getattr(trainer, "ld_alpha", None) is not None:
             return original(model, batch, is_ref_model)
+        transform = checked_logit_transform(_causal_lm(model))
+        if transform is None:  # logits the head alone does not give (warned): LLaMA-Factory's own forward
+            return original(model, batch, is_ref_model)
+        transform = None if transform.identity else transform
         batch = dict(batch)
         labels = batch.pop("labels")
         half = batch["input_ids"].size(0) // 2
-        head = _output_embeddings(model)
+        head = _causal_lm(model).get_output_embeddings()
         shift = shard_batch({"input_ids": batch["input_ids"], "shift_labels": full_sequence_shift(labels)}, sp)[
             "shift_labels"
         ]
 
         def score(hidden, shard, seq):  # inside the model's forward (see sharded_hidden_states)
-            logits = None if is_ref_model else _mean_logits(hidden, head, seq, sp, half)
-            return chunked_row_log_probs(hidden, head, shift), logits
+            logits = None if is_ref_model else _mean_logits(hidden, head, seq, sp, half, transform)
+            return chunked_row_log_probs(hidden, head, shift, transform=transform), logits
 
         no_logits = torch.empty(0, dtype=torch.long, device=labels.device)
         with sharded_hidden_states(score) as out:
@@ -94,23 +101,24 @@ def sp_aware_dpo_log_probs(trainer, sp: SequenceParallel) -> None:
     patches.replace(_RECORD, trainer, "concatenated_forward", concatenated_forward)
 
 
-def _output_embeddings(model) -> torch.nn.Module:
+def _causal_lm(model) -> Any:
+    """The transformers ``*ForCausalLM`` inside DeepSpeed / DDP wrappers and a PEFT model."""
     inner: Any = model
     while not hasattr(inner, "get_output_embeddings") and hasattr(inner, "module"):  # DeepSpeed / DDP wrappers
         inner = inner.module
-    head = inner.get_output_embeddings()
-    if head is None:
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # PEFT
+    if inner.get_output_embeddings() is None:
         raise RuntimeError(f"ulysses_attn: {type(inner).__name__} has no output embeddings to score with.")
-    return head
+    return inner
 
 
-def _mean_logits(hidden: torch.Tensor, head: torch.nn.Module, seq: int, sp: SequenceParallel, half: int):
+def _mean_logits(hidden: torch.Tensor, head: torch.nn.Module, seq: int, sp: SequenceParallel, half: int, transform):
     """LLaMA-Factory's ``logits/chosen`` and ``logits/rejected``: the mean logit over every position
     of the chosen / rejected rows (the SP padding past ``seq`` left out), as 1-element tensors."""
     rows, local = hidden.shape[:2]
     keep = (torch.arange(local, device=hidden.device) + sp.rank * local) < seq
     kept = int(keep.sum())
-    sums = chunked_logit_sums(hidden.detach()[:, keep].reshape(-1, hidden.shape[-1]), head)
+    sums = chunked_logit_sums(hidden.detach()[:, keep].reshape(-1, hidden.shape[-1]), head, transform=transform)
     per_row = sums.reshape(rows, kept).sum(-1) if kept else sums.new_zeros(rows)
     dist.all_reduce(per_row, group=sp.group)
     weight: Any = head.weight
