@@ -7,6 +7,8 @@ one process. Generation (a cached forward) runs unsharded and gives the same tok
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -120,12 +122,33 @@ def _generate_worker(rank, world):
     make_transparent(model, sp)
     prompt = make_batch("plain")["input_ids"][:, :9]
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
-    return {"sp": model.generate(prompt, **kwargs).tolist(), "ref": ref.generate(prompt, **kwargs).tolist()}
+    result = {"sp": model.generate(prompt, **kwargs).tolist(), "ref": ref.generate(prompt, **kwargs).tolist()}
+
+    # a backbone output the package does not know (here a pooled vector: a shard's mean is not the
+    # sequence's) is refused by name, not passed through or guessed from its shape
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    backbone = build(cfg, "ulysses_flash").model
+    stock_forward = backbone.forward
+
+    @functools.wraps(stock_forward)
+    def pooled_forward(**kwargs):
+        out = stock_forward(**kwargs)
+        return BaseModelOutputWithPooling(last_hidden_state=out[0], pooler_output=out[0].mean(1))
+
+    backbone.forward = pooled_forward
+    make_transparent(backbone, sp)
+    try:
+        backbone(input_ids=prompt)
+    except NotImplementedError as e:
+        result["refused"] = str(e)
+    return result
 
 
-def test_generation_runs_unsharded_and_equals_plain():
+def test_generation_runs_unsharded_and_equals_plain_and_unknown_outputs_are_refused():
     for r in run_distributed(_generate_worker, 2):
         assert r["sp"] == r["ref"] and len(r["sp"][0]) == 15
+        assert "output 'pooler_output'" in r["refused"]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -154,28 +154,48 @@ def _sharded_forward(original, kwargs: dict[str, Any], sp: SequenceParallel):
     return _gather_outputs(out, sp, batch, seq, local)
 
 
+_PER_TOKEN = ("last_hidden_state", "hidden_states", "router_logits", "logits")  # re-assembled along the sequence
+_NOT_PER_TOKEN = ("past_key_values", "cache_params", "aux_loss")  # no cache here (use_cache=False); a scalar
+
+
 def _gather(value: Any, sp: SequenceParallel, batch: int, seq: int, local: int, name: str) -> Any:
+    """``value`` (the backbone's output ``name``, a per-token tensor or a tuple of them) with the
+    whole sequence: ``[B, S/P, ...]`` or, for router logits, ``[B * S/P, experts]``."""
     if isinstance(value, (tuple, list)):
         return type(value)(_gather(v, sp, batch, seq, local, name) for v in value)
-    if not torch.is_tensor(value):
+    if value is None:
         return value
-    if value.dim() >= 2 and value.shape[:2] == (batch, local):  # per token: [B, S/P, ...]
+    if torch.is_tensor(value) and value.dim() >= 2 and value.shape[:2] == (batch, local):  # [B, S/P, ...]
         return all_gather_seq(value, sp.group)[:, :seq]
-    if name == "router_logits" and value.dim() == 2 and value.shape[0] == batch * local:  # [B * S/P, experts]
+    if name == "router_logits" and torch.is_tensor(value) and value.dim() == 2 and value.shape[0] == batch * local:
         full = all_gather_seq(value.reshape(batch, local, -1), sp.group)[:, :seq]
         return full.reshape(batch * seq, -1)
-    if name in ("last_hidden_state", "hidden_states", "router_logits"):
-        raise NotImplementedError(
-            f"ulysses_attn transparent mode cannot re-assemble {name} of shape {tuple(value.shape)} along the sequence."
-        )
-    return value
+    raise NotImplementedError(
+        f"ulysses_attn transparent mode cannot re-assemble {name} of shape {tuple(getattr(value, 'shape', ()))} "
+        "along the sequence."
+    )
 
 
 def _gather_outputs(out: Any, sp: SequenceParallel, batch: int, seq: int, local: int) -> Any:
-    if isinstance(out, tuple):
-        return tuple(_gather(v, sp, batch, seq, local, "") for v in out)
+    """The backbone's outputs, re-assembled by name: only outputs known to be per token are gathered;
+    any other output (a pooled vector, a model-specific tensor) is refused rather than guessed from
+    its shape, since a shard's value of it is not the whole sequence's."""
+    if isinstance(out, tuple):  # return_dict=False: only last_hidden_state is known by position
+        if any(v is not None for v in out[1:]):
+            raise NotImplementedError(
+                "ulysses_attn transparent mode needs return_dict=True for a backbone forward with more outputs than "
+                "last_hidden_state (it re-assembles outputs by name)."
+            )
+        return (_gather(out[0], sp, batch, seq, local, "last_hidden_state"),) + tuple(out[1:])
     for name in list(out.keys()):
         if name == "attentions" and out[name] is not None:
             raise NotImplementedError("output_attentions is not supported under sequence parallelism.")
-        out[name] = _gather(out[name], sp, batch, seq, local, name)
+        if name in _PER_TOKEN:
+            out[name] = _gather(out[name], sp, batch, seq, local, name)
+        elif name not in _NOT_PER_TOKEN and out[name] is not None:
+            raise NotImplementedError(
+                f"ulysses_attn transparent mode does not know how to re-assemble the backbone's output {name!r} "
+                f"({type(out[name]).__name__}) from sequence shards: {type(out).__name__} holds an output this "
+                "package has not checked. Leave the option that asks for it off, or run without sequence parallelism."
+            )
     return out

@@ -91,10 +91,15 @@ def sequence_parallel_fused_forward(model: torch.nn.Module) -> None:
             shift_labels = full_sequence_shift(labels)
         shard = shard_batch({**kwargs, "shift_labels": shift_labels}, sp)
         out = fused(fused_lm_head=True, **shard)
-        for name in _PER_TOKEN_OUTPUTS:
-            value = getattr(out, name, None)
-            if value is not None:
-                setattr(out, name, all_gather_seq(value, sp.group)[:, :keep])
+        for name in list(out.keys()):  # the fields TRL filled; each re-assembled by what it is, never guessed
+            if name in _PER_TOKEN_OUTPUTS:
+                setattr(out, name, all_gather_seq(out[name], sp.group)[:, :keep])
+            elif name != "loss":
+                raise NotImplementedError(
+                    f"ulysses_attn: TRL's fused LM head returned {name!r}, which this package does not know how to "
+                    "combine over the sequence-parallel group (known: loss and the per-token "
+                    f"{', '.join(_PER_TOKEN_OUTPUTS)}). Please report it with your TRL version."
+                )
         count = out.label_mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         out.loss = -out.log_probs.sum() / count
         return out
