@@ -165,3 +165,74 @@ def test_flash_attn4_op_registration(fa4):
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), None, None, 0.3, True, 3, 0, 0.0)
     torch.library.opcheck(torch.ops.ulysses_attn.flash_attn4.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def _causal_scores(q, k, scale, softcap):
+    """``(raw, soft-capped and causally masked)`` scores ``[B, H, S, S]`` of ``q [B, S, H, D]``, GQA ``k``."""
+    raw = q.transpose(1, 2) @ k.repeat_interleave(q.shape[2] // k.shape[2], 2).permute(0, 2, 3, 1) * scale
+    capped = softcap * torch.tanh(raw / softcap) if softcap else raw
+    causal = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool).tril()
+    return raw, capped.masked_fill(~causal, float("-inf"))
+
+
+def _flash_style_stand_in():
+    """FA4's internals for dense causal attention, written as the flash kernels compute: a real
+    log-sum-exp, and a backward that recomputes P from (q, k, lse) and takes D = rowsum(dO * O)
+    from the ``out`` it is given (what the lse gradient relies on)."""
+    scores = _causal_scores
+
+    def _flash_attn_fwd(q, k, v, qv=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+                        max_seqlen_k=None, softmax_scale=None, causal=False, softcap=None, window_size_left=None,
+                        window_size_right=None, return_lse=False):
+        _, s = scores(q, k, softmax_scale, softcap)
+        lse = s.logsumexp(-1)
+        p = (s - lse[..., None]).exp()
+        out = (p @ v.repeat_interleave(q.shape[2] // v.shape[2], 2).transpose(1, 2)).transpose(1, 2)
+        return out.contiguous(), lse, None, None, None
+
+    def _flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=None, causal=False, softcap=0.0,
+                        window_size_left=None, window_size_right=None, cu_seqlens_q=None, cu_seqlens_k=None,
+                        max_seqlen_q=None, max_seqlen_k=None, deterministic=False):
+        groups = q.shape[2] // k.shape[2]
+        raw, s = scores(q, k, softmax_scale, softcap)
+        p = (s - lse[..., None]).exp()
+        do, o = dout.transpose(1, 2), out.transpose(1, 2)
+        vh, kh = (t.repeat_interleave(groups, 2).transpose(1, 2) for t in (v, k))
+        ds = p * (do @ vh.transpose(-1, -2) - (do * o).sum(-1, keepdim=True))
+        if softcap:
+            ds = ds * (1 - torch.tanh(raw / softcap) ** 2)
+        dq = (ds @ kh * softmax_scale).transpose(1, 2)
+        fold = lambda t: t.transpose(1, 2).unflatten(2, (k.shape[2], groups)).sum(3)  # noqa: E731
+        return dq, fold(ds.transpose(-1, -2) @ q.transpose(1, 2) * softmax_scale), fold(p.transpose(-1, -2) @ do)
+
+    return types.SimpleNamespace(_flash_attn_fwd=_flash_attn_fwd, _flash_attn_bwd=_flash_attn_bwd)
+
+
+@pytest.mark.parametrize("softcap", [0.0, 5.0])
+@pytest.mark.parametrize("uses_out", [True, False])
+def test_flash_attn4_op_gradient_of_its_lse(monkeypatch, softcap, uses_out):
+    """A loss of the op's lse (as when attention outputs are merged, or an attention sink rescales
+    them) gets its gradient; it used to be dropped without a word."""
+    monkeypatch.setattr(flash4, "_load_interface", _flash_style_stand_in)
+    flash4._internals.cache_clear()
+    try:
+        q, k, v = _inputs(1)
+        out, lse = torch.ops.ulysses_attn.flash_attn4(q, k, v, None, None, 0.3, True, None, None, softcap)
+        g = torch.Generator().manual_seed(2)
+        w_out, w_lse = torch.randn(out.shape, generator=g, dtype=out.dtype), torch.randn(lse.shape, generator=g,
+                                                                                        dtype=lse.dtype)
+        loss = (lse * w_lse).sum() + ((out * w_out).sum() if uses_out else 0)
+        grads = torch.autograd.grad(loss, (q, k, v), allow_unused=True)
+
+        _, s = _causal_scores(q, k, 0.3, softcap)
+        ref_lse = s.logsumexp(-1)
+        ref_out = (s.softmax(-1) @ v.repeat_interleave(2, 2).transpose(1, 2)).transpose(1, 2)
+        torch.testing.assert_close(lse, ref_lse, rtol=1e-12, atol=1e-12)
+        ref_loss = (ref_lse * w_lse).sum() + ((ref_out * w_out).sum() if uses_out else 0)
+        for got, want in zip(grads, torch.autograd.grad(ref_loss, (q, k, v), allow_unused=True)):
+            if want is None or not want.abs().max() > 0:
+                assert got is None or got.abs().max() == 0
+            else:
+                torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    finally:
+        flash4._internals.cache_clear()

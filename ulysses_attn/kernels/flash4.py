@@ -138,13 +138,35 @@ def _(dout, q, k, v, *args):
 def _setup_context(ctx, inputs, output):
     q, k, v, cu_seqlens, *ctx.options = inputs
     ctx.save_for_backward(q, k, v, *output, cu_seqlens)
+    ctx.set_materialize_grads(False)  # an unused lse (the usual case) comes back as None: no extra kernel
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
     dout = torch.zeros_like(out) if dout is None else dout  # only the lse was used
     dq, dk, dv = flash_attn4_backward(dout, q, k, v, out, lse, cu_seqlens, *ctx.options)
+    if dlse is not None:  # the lse was used too (e.g. to merge with other attention): its share
+        dq_lse, dk_lse = _lse_gradient(dlse, q, k, v, out, lse, cu_seqlens, ctx.options)
+        dq, dk = dq + dq_lse, dk + dk_lse
     return dq, dk, dv, None, None, None, None, None, None, None
+
+
+def _lse_gradient(dlse, q, k, v, out, lse, cu_seqlens, options):
+    """The gradient that ``dlse`` adds to ``q`` and ``k``, from FA4's own backward kernel.
+
+    ``d lse_i / d s_ij = P_ij``, so the lse adds ``dS_ij = P_ij * dlse_i`` to the scores' gradient.
+    The flash backward computes ``dS = P * (dO V^T - D)`` with ``D_i = rowsum(dO_i * O_i)``: called
+    with ``V = 0`` and an ``(O, dO)`` pair whose row sums are ``-dlse`` it returns exactly that share
+    (window and soft-cap handled by the kernel as for the output). ``-dlse`` is carried in two
+    columns, a high and a low part, so that a bf16 ``O`` keeps it to about fp32 precision."""
+    rows = -(dlse.transpose(1, 2) if cu_seqlens is None else dlse.t())  # lse's layout -> out's [..., H]
+    high = rows.to(out.dtype)
+    fake_out = torch.zeros_like(out)
+    fake_out[..., 0], fake_out[..., 1] = high, (rows - high.to(rows.dtype)).to(out.dtype)
+    fake_dout = torch.zeros_like(out)
+    fake_dout[..., :2] = 1
+    dq, dk, _ = flash_attn4_backward(fake_dout, q, k, torch.zeros_like(v), fake_out, lse, cu_seqlens, *options)
+    return dq, dk
 
 
 flash_attn4.register_autograd(_backward, setup_context=_setup_context)
