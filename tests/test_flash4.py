@@ -236,3 +236,26 @@ def test_flash_attn4_op_gradient_of_its_lse(monkeypatch, softcap, uses_out):
                 torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     finally:
         flash4._internals.cache_clear()
+
+
+@pytest.mark.parametrize("softcap", [0.0, 5.0])
+def test_flash_attn_kernel_applies_attention_sinks_through_the_fa4_lse(monkeypatch, softcap):
+    """With sinks (gpt-oss) the FA4 path rescales the output by sigmoid(lse - sink): equal to the
+    reference kernel's softmax over [scores, sink], gradients of q, k, v and the sinks included."""
+    monkeypatch.setattr(flash4, "_load_interface", _flash_style_stand_in)
+    monkeypatch.setattr(FLASH_ATTN, "_module_on", lambda device: types.SimpleNamespace(__name__="flash_attn.cute"))
+    flash4._internals.cache_clear()
+    try:
+        q, k, v = _inputs(4)
+        sinks = torch.randn(4, generator=torch.Generator().manual_seed(5), dtype=torch.float64).requires_grad_()
+        opts = dict(causal=True, scale=0.3, dropout=0.0, window=None, softcap=softcap or None, sinks=sinks)
+        out = flash_attn(q, k, v, Layout(), **opts)
+        ref = reference_kernel(q, k, v, Layout(), **opts)
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        assert (out - reference_kernel(q, k, v, Layout(), **{**opts, "sinks": None})).abs().max() > 1e-3
+        dout = torch.randn_like(out)
+        for got, want in zip(torch.autograd.grad(out, (q, k, v, sinks), dout),
+                             torch.autograd.grad(ref, (q, k, v, sinks), dout)):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    finally:
+        flash4._internals.cache_clear()

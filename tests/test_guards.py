@@ -92,11 +92,17 @@ def test_rope_fix_is_undone_by_disable():
 def test_models_with_their_own_flash_kernel_keep_ulysses_flash():
     """gpt-oss lists its own flash kernels; transformers would swap "ulysses_flash" for one of them
     with only a warning (the model would run without SP). It keeps ulysses_flash, and its attention
-    sinks are refused with the package's message."""
-    model = build(tiny_config("gpt_oss"), "ulysses_flash")
+    sinks are applied (the model zoo checks them under SP; here one process equals eager)."""
+    cfg = tiny_config("gpt_oss")
+    model = build(cfg, "ulysses_flash")
     assert model.config._attn_implementation == "ulysses_flash"
-    with pytest.raises(NotImplementedError, match="attention sinks"):
-        model(**make_batch("plain"), use_cache=False)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.normal_(0, 2.0, generator=torch.Generator().manual_seed(3))  # sinks that matter
+    eager = build(cfg, "eager")
+    eager.load_state_dict(model.state_dict())
+    batch = {**make_batch("plain"), "use_cache": False}
+    torch.testing.assert_close(model(**batch).logits, eager(**batch).logits, rtol=1e-5, atol=1e-6)
 
 
 def test_unregister_removes_the_watch():
@@ -110,3 +116,51 @@ def test_unregister_removes_the_watch():
         assert "_ulysses_attn_watched" not in vars(model)
     finally:
         registration.register()
+
+
+def _qwen2_vl_config():
+    from transformers import Qwen2VLConfig
+
+    text = dict(vocab_size=160, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256,
+                rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]})
+    vision = dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=2,
+                  spatial_merge_size=1, temporal_patch_size=1, in_channels=3)
+    return Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=150, video_token_id=151,
+                         vision_start_token_id=152)
+
+
+def _vlm_worker(rank, world):
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from ulysses_attn.models import decoder_layers
+    from ulysses_attn.transparent import make_transparent
+
+    sp = ulysses_attn.enable(sp_size=world, select_backend=False)
+    torch.manual_seed(0)  # the same weights on every rank
+    ref = Qwen2VLForConditionalGeneration._from_config(_qwen2_vl_config(), attn_implementation="sdpa",
+                                                       dtype=torch.float32)
+    model = Qwen2VLForConditionalGeneration._from_config(_qwen2_vl_config(), attn_implementation="ulysses_flash",
+                                                         dtype=torch.float32)
+    model.load_state_dict(ref.state_dict())
+    make_transparent(model, sp)
+    seen = []
+    decoder_layers(model.model.language_model)[0].register_forward_pre_hook(lambda m, a, kw: seen.append((a[0] if a else kw["hidden_states"]).shape[1]),
+                                                       with_kwargs=True)
+    ids = torch.randint(0, 140, (2, 19), generator=torch.Generator().manual_seed(1))
+    text = (model(input_ids=ids).logits - ref(input_ids=ids).logits).abs().max().item()
+    images = ids.clone()
+    images[:, 3:7] = 150  # two 2x2-patch images, 4 tokens each
+    with pytest.raises(NotImplementedError, match="multimodal inputs are not supported under SP") as info:
+        model(input_ids=images, pixel_values=torch.randn(16, 12), image_grid_thw=torch.tensor([[1, 2, 2]] * 2))
+    return text, seen, str(info.value)
+
+
+def test_a_vision_language_model_is_exact_on_text_and_refuses_images_under_sp():
+    """Qwen2-VL (M-RoPE): text-only batches are exact in transparent mode at SP 2 (the decoder
+    layers see S/P tokens); a batch with images is refused with the package's message -- image
+    features are merged into the sequence inside the model, after sharding (a foreign shape error
+    from the model before)."""
+    for text, seen, message in run_distributed(_vlm_worker, 2):
+        assert text < 1e-5 and seen == [10], (text, seen)
+        assert "image_grid_thw, pixel_values" in message

@@ -27,8 +27,8 @@ def test_every_causal_lm_is_exact_or_refused_and_the_table_is_current():
 
 
 # one of each family the zoo finds exact: GQA, MoE, softcap + sliding window, partial RoPE,
-# learned positions, biases, QK norm
-AT_FOUR = ["llama", "qwen3_moe", "mixtral", "gemma2", "phi", "gpt2", "opt", "olmo2"]
+# learned positions, biases, QK norm, attention sinks
+AT_FOUR = ["llama", "qwen3_moe", "mixtral", "gemma2", "phi", "gpt2", "opt", "olmo2", "gpt_oss"]
 
 
 @pytest.mark.parametrize("world", [4])

@@ -133,8 +133,6 @@ def ulysses_flash_attention(
     """HF attention-interface function: q ``[B, H, S_local, D]``, k/v ``[B, Hkv, S_local, D]``
     -> ``([B, S_local, H, D], None)``."""
     STATE.attention_calls += 1
-    if s_aux is not None:
-        raise NotImplementedError("ulysses_flash does not support attention sinks (s_aux) yet.")
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(
             f"ulysses_flash expects a 2D padding mask (or None), got a {attention_mask.dim()}D mask: custom 4D "
@@ -147,6 +145,8 @@ def ulysses_flash_attention(
     kv_heads = key.shape[1]
     sp = active_sp()
     opts: dict[str, Any] = dict(causal=causal, scale=scaling, dropout=dropout, window=sliding_window, softcap=softcap)
+    if s_aux is not None:  # attention sinks: one more logit per query head (gpt-oss); this rank's heads below
+        opts["sinks"] = s_aux
     tensors = (position_ids, attention_mask, cu_seq_lens_q)  # the objects every layer receives: cache key
     position_ids = _rows(position_ids, batch)
     meta = (batch, seq_local, key.shape[2], causal, None if sp is None else sp.size)
@@ -191,6 +191,14 @@ def ulysses_flash_attention(
         ),
     )
     padded, grouped = padded_heads(heads, kv_heads, sp.size)
+    if s_aux is not None:
+        if padded != heads:
+            raise NotImplementedError(
+                f"ulysses_flash: attention sinks with {heads} query heads, which sequence parallelism of size "
+                f"{sp.size} does not divide, are not supported (the heads would be padded). Use an SP size that "
+                f"divides {heads}."
+            )
+        opts["sinks"] = s_aux.reshape(sp.size, -1)[sp.rank]  # the heads this rank attends for (all-to-all order)
     if padded != heads:
         _warn_head_padding(heads, kv_heads, sp.size, padded, grouped)
         query, key, value = _pad_heads(query, key, value, padded, grouped)

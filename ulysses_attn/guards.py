@@ -38,6 +38,7 @@ __all__ = [
     "refuse_token_mixing",
     "refuse_positions_it_cannot_take",
     "refuse_masks_it_cannot_take",
+    "refuse_media_inputs",
     "global_rope_lengths",
     "watch",
 ]
@@ -175,9 +176,30 @@ def _watch_layers(model: torch.nn.Module) -> list:
     return handles
 
 
+MEDIA_INPUTS = ("pixel_values", "image_", "video_", "input_features", "audio_")  # name prefixes of non-text inputs
+
+
+def refuse_media_inputs(model: torch.nn.Module, kwargs: dict[str, Any]) -> None:
+    """Under SP a vision-language (or audio) model's image features are merged into the token
+    sequence inside its forward, after the collator sharded the sequence: a shard's image tokens do
+    not match the images, and M-RoPE positions would be computed per shard. Refuse any forward with
+    such inputs (by name: ``pixel_values*``, ``image_*``, ``video_*``, ``input_features``, ``audio_*``)."""
+    media = sorted(k for k, v in kwargs.items() if v is not None and k.startswith(MEDIA_INPUTS))
+    if media:
+        raise NotImplementedError(
+            f"ulysses_flash: {type(model).__name__} got {', '.join(media)} under sequence parallelism. Image, video "
+            "and audio features are merged into the token sequence inside the model, after the sequence was sharded, "
+            "so a shard's placeholder tokens would not match them; multimodal inputs are not supported under SP yet. "
+            "Train text-only batches with SP, or multimodal ones without it (sp_size=1)."
+        )
+
+
 def _first_sp_forward(model: torch.nn.Module, args, kwargs) -> None:
     sp = active_sp()
-    if sp is None or sp.size == 1 or model in STATE.checked_models or model in STATE.checking_models:
+    if sp is None or sp.size == 1:
+        return
+    refuse_media_inputs(model, kwargs)  # every forward: a later batch may hold images
+    if model in STATE.checked_models or model in STATE.checking_models:
         return
     if not decoder_layers(model):
         raise TokenMixingOutsideAttention(

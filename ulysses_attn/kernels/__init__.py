@@ -2,13 +2,16 @@
 
 One kernel per file, all with the signature ``fn(q, k, v, layout, *, causal, scale, dropout,
 window, softcap) -> [B, S, H, D]`` on the flash layout ``q [B, S, H, D]``, ``k/v [B, S_k, H_kv, D]``
-(:class:`~ulysses_attn.layout.Layout` says which tokens attend to which):
+(:class:`~ulysses_attn.layout.Layout` says which tokens attend to which); those that support
+attention sinks take ``sinks`` ``[H]`` too:
 
 * ``flash_attn`` (:mod:`.flash_attn`): FA3, FA4 (Hopper and newer) or FA2; see :func:`flash_version`;
+  sinks with FA4 (its output rescaled from its log-sum-exp);
 * ``sdpa`` (:mod:`.sdpa`): PyTorch SDPA (flash / cuDNN backends; no window or softcap; a segmented
   layout runs one call per segment);
 * ``torch_varlen`` (:mod:`.torch_varlen`): ``torch.nn.attention.varlen``, no softcap;
-* ``reference`` (:mod:`.reference`): exact eager math, every feature, O(S^2) memory: the fallback.
+* ``reference`` (:mod:`.reference`): exact eager math, every feature (sinks too), O(S^2) memory: the
+  fallback.
 
 :func:`choose_kernel` is the one selection rule: the forced kernel, else the fastest that can run
 the call. Force one with ``ULYSSES_ATTN_KERNEL=<name>`` or :func:`set_kernel`.
@@ -25,6 +28,7 @@ import torch
 from ..layout import Layout, layout_from_positions
 from ..state import STATE, log_once
 from . import device as _device
+from .flash4 import supported as flash4_supported
 from .flash_attn import flash_attn, flash_version
 from .reference import reference
 from .sdpa import sdpa
@@ -49,6 +53,10 @@ def _always(device: torch.device) -> bool:
     return True
 
 
+def _never(device: torch.device) -> bool:
+    return False
+
+
 @dataclass(frozen=True)
 class Kernel:
     fn: Callable
@@ -56,15 +64,19 @@ class Kernel:
     window: bool = True
     softcap: bool = True
     dropout: Callable[[torch.device], bool] = _always  # attention dropout on this device
+    sinks: Callable[[torch.device], bool] = _never  # attention sinks (one more logit per head) on this device
 
 
 KERNELS: dict[str, Kernel] = {
     "flash_attn": Kernel(
-        flash_attn, lambda d: flash_version(d) is not None, dropout=lambda d: flash_version(d) == "fa2"
+        flash_attn,
+        lambda d: flash_version(d) is not None,
+        dropout=lambda d: flash_version(d) == "fa2",
+        sinks=lambda d: flash_version(d) == "fa4" and flash4_supported(),  # from FA4's log-sum-exp
     ),
     "sdpa": Kernel(sdpa, _always, window=False, softcap=False),
     "torch_varlen": Kernel(torch_varlen, _device.has_torch_varlen, softcap=False, dropout=lambda d: False),
-    "reference": Kernel(reference, _always),
+    "reference": Kernel(reference, _always, sinks=_always),
 }
 
 
@@ -91,8 +103,13 @@ def reset_used_kernels() -> None:
     STATE.used_kernels.clear()
 
 
-def _supports(k: Kernel, window, softcap, dropout, device: torch.device) -> bool:
-    return (not window or k.window) and (not softcap or k.softcap) and (not dropout or k.dropout(device))
+def _supports(k: Kernel, window, softcap, dropout, device: torch.device, sinks: bool = False) -> bool:
+    return (
+        (not window or k.window)
+        and (not softcap or k.softcap)
+        and (not dropout or k.dropout(device))
+        and (not sinks or k.sinks(device))
+    )
 
 
 def _auto_order(device: torch.device, layout: Layout) -> list[str]:
@@ -106,11 +123,13 @@ def _auto_order(device: torch.device, layout: Layout) -> list[str]:
     return ["flash_attn", "sdpa", "torch_varlen", "reference"]
 
 
-def choose_kernel(device: torch.device, layout: Layout, window=None, softcap=None, dropout=0.0) -> str:
+def choose_kernel(
+    device: torch.device, layout: Layout, window=None, softcap=None, dropout=0.0, sinks: bool = False
+) -> str:
     """The forced kernel (checked: it must be available and able to run the call), else the kernel
     the script's ``attn_implementation`` asked for where it can run the call (``select_backend``),
-    else the first of the automatic order that is available here and supports the window, softcap
-    and dropout."""
+    else the first of the automatic order that is available here and supports the window, softcap,
+    dropout and attention sinks."""
     forced = STATE.forced_kernel or os.environ.get("ULYSSES_ATTN_KERNEL") or None
     if forced:
         if forced not in KERNELS:
@@ -118,18 +137,18 @@ def choose_kernel(device: torch.device, layout: Layout, window=None, softcap=Non
         k = KERNELS[forced]
         if not k.available(device):
             raise RuntimeError(f"Attention kernel {forced!r} is not available on {device}.")
-        if not _supports(k, window, softcap, dropout, device):
+        if not _supports(k, window, softcap, dropout, device, sinks):
             raise ValueError(
-                f"Attention kernel {forced!r} cannot run this call ("
-                f"sliding_window={window}, softcap={softcap}, dropout={dropout}); unset the forced kernel."
+                f"Attention kernel {forced!r} cannot run this call (sliding_window={window}, softcap={softcap}, "
+                f"dropout={dropout}, attention sinks={sinks}); unset the forced kernel."
             )
         return forced
     preferred = KERNELS.get(STATE.preferred_kernel or "")
-    if preferred and preferred.available(device) and _supports(preferred, window, softcap, dropout, device):
+    if preferred and preferred.available(device) and _supports(preferred, window, softcap, dropout, device, sinks):
         return str(STATE.preferred_kernel)
     for name in _auto_order(device, layout):
         k = KERNELS[name]
-        if k.available(device) and _supports(k, window, softcap, dropout, device):
+        if k.available(device) and _supports(k, window, softcap, dropout, device, sinks):
             return name
     return "reference"
 
@@ -145,18 +164,22 @@ def attend(
     dropout: float = 0.0,
     window: int | None = None,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention over ``q [B, S, H, D]``, ``k/v [B, S_k, H_kv, D]`` with the chosen kernel."""
+    """Attention over ``q [B, S, H, D]``, ``k/v [B, S_k, H_kv, D]`` with the chosen kernel;
+    ``sinks`` ``[H]``: one more logit per head in every row's softmax, with no value (gpt-oss)."""
     scale = scale if scale is not None else q.shape[-1] ** -0.5
     window = window if window and window < k.shape[1] else None  # a window as long as the sequence is no window
     if q.shape[1] != k.shape[1]:  # decoding with a KV cache: bottom-right causal alignment
         name = "reference"
     else:
-        name = choose_kernel(q.device, layout, window, softcap, dropout)
+        name = choose_kernel(q.device, layout, window, softcap, dropout, sinks is not None)
     label = f"flash_attn/{flash_version(q.device)}" if name == "flash_attn" else name
     STATE.used_kernels.add(label)
     where = f"{q.device.type} dense={layout.dense} window={bool(window)} softcap={bool(softcap)}"
+    where += " sinks=True" if sinks is not None else ""
     log_once(("kernel", label, where), "ulysses_flash inner attention: %s (%s)", label, where)
+    extra = {} if sinks is None else {"sinks": sinks}  # only kernels that support sinks take them
     return KERNELS[name].fn(
-        q, k, v, layout, causal=causal, scale=scale, dropout=dropout, window=window, softcap=softcap
+        q, k, v, layout, causal=causal, scale=scale, dropout=dropout, window=window, softcap=softcap, **extra
     )

@@ -69,11 +69,16 @@ def _selective_checkpoint_keeping() -> bool:
     return any(getattr(m, "keeps_attention_outputs", False) for m in _get_current_dispatch_mode_stack())
 
 
-def _fa4_op_call(scale, causal, window_left_right, softcap):
+def _fa4_op_call(scale, causal, window_left_right, softcap, sinks=None):
     def call(q, k, v, cu_seqlens=None, max_seqlen=None):
-        return flash4.flash_attn4(
+        out, lse = flash4.flash_attn4(
             q, k, v, cu_seqlens, max_seqlen, scale, causal, *(window_left_right or (None, None)), float(softcap or 0.0)
-        )[0]
+        )
+        if sinks is None:
+            return out
+        # a sink is one more logit s per head: softmax over [scores, s] = the output times Z / (Z + e^s)
+        lse = lse.transpose(-1, -2) if cu_seqlens is None else lse.t()  # -> out's [..., S, H] / [tokens, H]
+        return out * torch.sigmoid(lse - sinks.to(lse.dtype)).to(out.dtype)[..., None]
 
     return call
 
@@ -106,11 +111,11 @@ def _public_call(fa, scale, causal, window_left_right, softcap, dropout):
     return call
 
 
-def flash_attn(q, k, v, layout: Layout, *, causal, scale, dropout, window, softcap):
-    fa = _module_on(q.device)  # dropout only reaches here with FA2 (Kernel.dropout)
+def flash_attn(q, k, v, layout: Layout, *, causal, scale, dropout, window, softcap, sinks=None):
+    fa = _module_on(q.device)  # dropout only reaches here with FA2, sinks with the FA4 op (Kernel.dropout / .sinks)
     window_left_right = (window - 1, 0 if causal else window - 1) if window else None
     if fa.__name__ == "flash_attn.cute" and flash4.supported():
-        call = _fa4_op_call(scale, causal, window_left_right, softcap)  # selective checkpointing can keep it
+        call = _fa4_op_call(scale, causal, window_left_right, softcap, sinks)  # selective checkpointing can keep it
     else:
         if fa.__name__ == "flash_attn.cute" and _selective_checkpoint_keeping():
             warn_once(

@@ -10,7 +10,8 @@ from ..layout import Layout
 __all__ = ["reference"]
 
 
-def reference(q, k, v, layout: Layout, *, causal, scale, dropout, window, softcap):
+def reference(q, k, v, layout: Layout, *, causal, scale, dropout, window, softcap, sinks=None):
+    """``sinks`` ``[H]``: one more logit per head in every row's softmax, without a value."""
     B, Sq, H, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     if Hkv != H:
@@ -35,7 +36,11 @@ def reference(q, k, v, layout: Layout, *, causal, scale, dropout, window, softca
         assert seg is not None  # a segmented layout has them
         allowed = allowed & (seg[:, None, :, None] == seg[:, None, None, :]) & (seg[:, None, None, :] >= 0)
     scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-    probs = torch.softmax(scores, dim=-1)
+    if sinks is None:
+        probs = torch.softmax(scores, dim=-1)
+    else:
+        sink = sinks.to(scores.dtype).reshape(1, H, 1, 1).expand(B, H, Sq, 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
     probs = probs * allowed.any(-1, keepdim=True)  # rows with no allowed key (ignored tokens) -> 0
     if dropout:
         probs = F.dropout(probs, p=dropout, training=True)
