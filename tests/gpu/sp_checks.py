@@ -1,12 +1,15 @@
 """GPU checks of ulysses_attn, run as a script (not collected by pytest; see test_gpu.py).
 
-    python tests/gpu/sp_checks.py kernels --out DIR                         # one GPU
+    python tests/gpu/sp_checks.py kernels sinks --out DIR                   # one GPU
     torchrun --nproc_per_node 2 tests/gpu/sp_checks.py comm models memory --out DIR # NCCL, P = world
 
 * ``kernels``: every inner kernel of ``ulysses_attn.available_kernels("cuda")`` against the exact
   ``reference`` kernel in float64, bf16 (and fp32 where the kernel takes it), forward and backward,
   for dense, GQA, head_dim 128, packed (position_ids restart), left-padded and sliding-window
   inputs, each where the kernel supports it.
+* ``sinks``: attention sinks through every kernel that takes them (``reference``; FA4) against the
+  float64 reference, gradients of q, k, v and the sinks included; and the FA4 op's log-sum-exp
+  gradient.
 * ``comm``: NCCL all-to-all round trip of ``gather_seq_scatter_heads`` / ``gather_heads_scatter_seq``
   (bitwise), their backward (the adjoint), ``all_gather_seq`` and ``all_reduce_sum``.
 * ``models``: Llama- and Qwen2-architecture models (hidden 256, 4 layers, 8 heads / 2 KV heads,
@@ -196,6 +199,66 @@ def check_kernels(args) -> None:
         layout = _make_layout(kind, 1, 1024, dev, gen)
         chosen = kernels.choose_kernel(dev, layout, window)
         record("kernels", f"auto/{kind}/window={window}", chosen in available, chosen=chosen)
+
+
+def check_sinks(args) -> None:
+    """Attention sinks (gpt-oss) through every kernel that takes them, and the FA4 op's lse
+    gradient, against the float64 reference kernel: forward and backward (q, k, v, sinks)."""
+    dev = device()
+    gen = torch.Generator().manual_seed(1)
+    names = [n for n in selected(ulysses_attn.available_kernels(dev)) if kernels.KERNELS[n].sinks(dev)]
+    log(f"kernels with attention sinks on {dev}: {names}")
+    record("sinks", "available", "reference" in names, kernels=names)
+    for case, B, S, H, Hkv, D, kind, window in kernel_cases():
+        layout = _make_layout(kind, B, S, dev, gen)
+        base = [torch.randn(B, S, h, D, generator=gen).to(dev) for h in (H, Hkv, Hkv)]
+        sinks = (torch.randn(H, generator=gen) * 2).to(dev)
+        do = torch.randn(B, S, H, D, generator=gen).to(dev)
+
+        def run(name, dtype):
+            kernels.set_kernel(name)
+            try:
+                q, k, v = (t.to(dtype).requires_grad_(True) for t in base)
+                s = sinks.to(dtype).requires_grad_(True)
+                out = attend(q, k, v, layout, causal=True, window=window, sinks=s)
+                out.backward(do.to(dtype))
+                return out.detach(), q.grad, k.grad, v.grad, s.grad
+            finally:
+                kernels.set_kernel(None)
+
+        gold = run("reference", torch.float64)
+        for name in names:
+            if not kernels._supports(kernels.KERNELS[name], window, None, 0.0, dev, True):
+                continue
+            label = f"{name}/{case}/bfloat16"
+            try:
+                got = run(name, torch.bfloat16)
+                errs = {n: rel_err(a, b) for n, a, b in zip(("out", "dq", "dk", "dv", "dsinks"), got, gold)}
+                record("sinks", label, max(errs.values()) <= 2e-2, **errs)
+            except Exception as e:  # noqa: BLE001 - report every failure
+                record("sinks", label, False, error=f"{type(e).__name__}: {e}")
+                traceback.print_exc()
+    if kernels.flash_version(dev) == "fa4" and kernels.flash4_supported():  # the op's lse and its gradient
+        q, k, v = (torch.randn(2, 1024, h, 128, generator=gen).to(dev) for h in (8, 2, 2))
+        w_out, w_lse = torch.randn(2, 1024, 8, 128, generator=gen).to(dev), torch.randn(2, 8, 1024, generator=gen)
+
+        def lse_loss(q, k, v, fa4: bool):
+            if fa4:
+                out, lse = torch.ops.ulysses_attn.flash_attn4(q, k, v, None, None, 128**-0.5, True, None, None, 0.0)
+            else:
+                s_ = (q.transpose(1, 2) @ k.repeat_interleave(4, 2).permute(0, 2, 3, 1)) * 128**-0.5
+                s_ = s_.masked_fill(~torch.ones(1024, 1024, dtype=torch.bool, device=dev).tril(), float("-inf"))
+                lse = s_.logsumexp(-1)
+                out = (s_.softmax(-1) @ v.repeat_interleave(4, 2).transpose(1, 2)).transpose(1, 2)
+            return (out.float() * w_out).sum() + (lse.float() * w_lse.to(dev)).sum()
+
+        grads = {}
+        for label, dtype, fa4 in (("fa4", torch.bfloat16, True), ("gold", torch.float64, False)):
+            ts = [t.to(dtype).requires_grad_(True) for t in (q, k, v)]
+            lse_loss(*ts, fa4).backward()
+            grads[label] = [t.grad for t in ts]
+        errs = {n: rel_err(a, b) for n, a, b in zip(("dq", "dk", "dv"), grads["fa4"], grads["gold"])}
+        record("sinks", "fa4_op/lse_gradient/bfloat16", max(errs.values()) <= 2e-2, **errs)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -480,7 +543,7 @@ def check_memory(args) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("checks", nargs="+", choices=["kernels", "comm", "models", "memory"])
+    ap.add_argument("checks", nargs="+", choices=["kernels", "sinks", "comm", "models", "memory"])
     ap.add_argument("--out", default=None, help="folder for the JSON records")
     args = ap.parse_args()
     distributed = "WORLD_SIZE" in os.environ
@@ -493,7 +556,7 @@ def main() -> int:
         dist.init_process_group(BACKEND, timeout=datetime.timedelta(seconds=300),
                                 device_id=device() if BACKEND == "nccl" else None)
         ulysses_attn.init_sequence_parallel(dist.get_world_size())
-    elif any(c != "kernels" for c in args.checks):
+    elif any(c not in ("kernels", "sinks") for c in args.checks):
         print("comm/models need torchrun (WORLD_SIZE unset)", file=sys.stderr)
         return 2
     info = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if DEVICE_TYPE == "cuda" else "cpu",
@@ -505,7 +568,8 @@ def main() -> int:
     log(f"sp_checks {args.checks} {info}")
     t0 = time.time()
     for c in args.checks:
-        {"kernels": check_kernels, "comm": check_comm, "models": check_models, "memory": check_memory}[c](args)
+        checks = {"kernels": check_kernels, "sinks": check_sinks, "comm": check_comm, "models": check_models}
+        {**checks, "memory": check_memory}[c](args)
     rank = dist.get_rank() if distributed else 0
     if args.out:
         os.makedirs(args.out, exist_ok=True)

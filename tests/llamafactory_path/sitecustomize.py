@@ -3,8 +3,9 @@
 The LLaMA-Factory processes get this folder on PYTHONPATH (with the torchaudio stand-in beside
 it). When ``ULYSSES_TEST_RECORD`` names a folder, every process records the sequence length each
 decoder layer receives (the first layer of each forward; found by a global module hook that then
-removes itself)
-and writes it to ``<folder>/rank<RANK>.json`` at exit: the proof that the layers saw S/P tokens.
+removes itself), except in forwards the package runs unsharded by design (its one-time probe of
+the LM head's logit transform, generation), and writes it to ``<folder>/rank<RANK>.json`` at exit:
+the proof that the layers saw S/P tokens.
 """
 
 import atexit
@@ -14,12 +15,18 @@ import os
 _FOLDER = os.environ.get("ULYSSES_TEST_RECORD")
 
 if _FOLDER and os.environ.get("RANK") is not None:
+    import sys
+
     import torch
 
     _lengths: list[int] = []
 
+    def _unsharded() -> bool:
+        state = sys.modules.get("ulysses_attn.state")
+        return bool(state is not None and state.STATE.unsharded)
+
     def _record(module, args):
-        if args and torch.is_tensor(args[0]):  # transformers passes hidden_states positionally
+        if args and torch.is_tensor(args[0]) and not _unsharded():  # transformers passes hidden_states positionally
             _lengths.append(int(args[0].shape[1]))
 
     def _find_first_layer(module, args):
