@@ -201,6 +201,7 @@ def main():
     p.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --output_dir")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--torch_compile", action="store_true", help="TrainingArguments(torch_compile=True)")
+    p.add_argument("--torch_compile_backend", default=None, help="TrainingArguments(torch_compile_backend=...)")
     p.add_argument("--label_smoothing", type=float, default=0.0, help="TrainingArguments(label_smoothing_factor=...)")
     p.add_argument("--loss_func", action="store_true", help="a compute_loss_func of the script's own, from the logits")
     p.add_argument("--no_use_cpu", action="store_true", help="leave use_cpu off even without a GPU")
@@ -254,6 +255,7 @@ def main():
         use_cpu=not torch.cuda.is_available() and not args.no_use_cpu,
         dataloader_num_workers=0,
         torch_compile=args.torch_compile,
+        torch_compile_backend=args.torch_compile_backend,
         label_smoothing_factor=args.label_smoothing,
         fsdp=args.fsdp or None,
         fsdp_config=args.fsdp_config,

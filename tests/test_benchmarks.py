@@ -21,18 +21,18 @@ def test_bench_train_zero3_dry_run_configurations_do_not_leak(tmp_path):
     out = tmp_path / "bench.json"
     env = {**os.environ, "BENCH_DEVICE": "cpu", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "benchmarks/bench_train.py", "--model", "tiny", "--zero", "3", "--long-sequence", "--seq", "128,256",
+           "benchmarks/bench_train.py", "--model", "tiny", "--zero", "3", "--long-sequence", "--seq", "128",
            "--modes", "ulysses,ulysses+selective,alst", "--steps", "1", "--warmup", "1", "--no-profile", "--json", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     results = json.loads(out.read_text())["results"]
     modes = ("ulysses", "ulysses+selective", "alst")
-    assert [(r["mode"], r["seq"]) for r in results] == [(m, s) for m in modes for s in (128, 256)]
+    assert [(r["mode"], r["seq"]) for r in results] == [(m, 128) for m in modes]
     assert not [r for r in results if "error" in r]
     first = {(r["mode"], r["seq"]): r["loss_first_last"][0] for r in results}
-    for seq in (128, 256):  # the same initial weights and data for both: no model built under zero.Init
-        assert first[("ulysses", seq)] == pytest.approx(first[("alst", seq)], rel=1e-5)
-        assert first[("ulysses+selective", seq)] == pytest.approx(first[("alst", seq)], rel=1e-5)
+    # the same initial weights and data for all: no model built under zero.Init
+    assert first[("ulysses", 128)] == pytest.approx(first[("alst", 128)], rel=1e-5)
+    assert first[("ulysses+selective", 128)] == pytest.approx(first[("alst", 128)], rel=1e-5)
     # the same gradients in every mode, lm_head included: ALST's TiledFusedLogitsLoss gets the loss
     # scaled inside (dividing after it left lm_head's gradient count / P = 64-128x too large)
     for r in results:
@@ -42,7 +42,7 @@ def test_bench_train_zero3_dry_run_configurations_do_not_leak(tmp_path):
         for name, norm in r["first_grad_norms"].items():
             assert norm == pytest.approx(ref[name], rel=2e-3), (r["mode"], r["seq"], name)
     # selective checkpointing under ZeRO-3: each of the 2 layers' recompute skipped its attention kernel
-    assert [r["attention_replayed_per_step"] for r in results] == [0, 0, 2, 2, 0, 0]
+    assert [r["attention_replayed_per_step"] for r in results] == [0, 2, 0]
     assert all(r["P"] == 2 and r["zero"] == 3 for r in results)
 
 
