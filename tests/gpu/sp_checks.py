@@ -206,9 +206,10 @@ def check_sinks(args) -> None:
     gradient, against the float64 reference kernel: forward and backward (q, k, v, sinks)."""
     dev = device()
     gen = torch.Generator().manual_seed(1)
-    names = [n for n in selected(ulysses_attn.available_kernels(dev)) if kernels.KERNELS[n].sinks(dev)]
-    log(f"kernels with attention sinks on {dev}: {names}")
-    record("sinks", "available", "reference" in names, kernels=names)
+    with_sinks = [n for n in ulysses_attn.available_kernels(dev) if kernels.KERNELS[n].sinks(dev)]
+    log(f"kernels with attention sinks on {dev}: {with_sinks}")
+    record("sinks", "available", "reference" in with_sinks, kernels=with_sinks)
+    names = selected(with_sinks)
     for case, B, S, H, Hkv, D, kind, window in kernel_cases():
         layout = _make_layout(kind, B, S, dev, gen)
         base = [torch.randn(B, S, h, D, generator=gen).to(dev) for h in (H, Hkv, Hkv)]
