@@ -145,8 +145,9 @@ def _vlm_worker(rank, world):
     model.load_state_dict(ref.state_dict())
     make_transparent(model, sp)
     seen = []
-    decoder_layers(model.model.language_model)[0].register_forward_pre_hook(lambda m, a, kw: seen.append((a[0] if a else kw["hidden_states"]).shape[1]),
-                                                       with_kwargs=True)
+    first_layer = decoder_layers(model.model.language_model)[0]
+    first_layer.register_forward_pre_hook(lambda m, a, kw: seen.append((a[0] if a else kw["hidden_states"]).shape[1]),
+                                          with_kwargs=True)
     ids = torch.randint(0, 140, (2, 19), generator=torch.Generator().manual_seed(1))
     text = (model(input_ids=ids).logits - ref(input_ids=ids).logits).abs().max().item()
     images = ids.clone()

@@ -88,16 +88,16 @@ def _gather_for_metrics(
     """``Accelerator.gather_for_metrics`` for SP.
 
     Inside the SP group, per-token tensors (``dim >= 2``: logits, labels) of sharded inputs are
-    re-assembled along the sequence (TRL's fused trainers already hold whole sequences)
-    and per-sample values (``dim <= 1``: losses) are averaged. That average is the token-weighted
-    loss: each rank's loss is either already the full value (transparent mode, TRL, a loss without
-    ``num_items_in_batch``) or its shard's token sum over the world's token count times the world size
-    (the Trainer's ``num_items_in_batch`` convention with ``average_tokens_across_devices``, which the
-    package forces on), so the group's mean is the group's token sum over the token count of the DP
-    ranks -- what a run without SP on ``dp_size`` processes reports. The result is then gathered over the DP group exactly as a run without SP on
-    ``dp_size`` processes gathers it (re-assembled sequences padded at their end with -100 to the
-    longest over the DP group, as the evaluation loop pads them without SP), dropping the
-    duplicated tail of the last batch likewise.
+    re-assembled along the sequence (TRL's fused trainers already hold whole sequences) and
+    per-sample values (``dim <= 1``: losses) are averaged. That average is the token-weighted loss:
+    each rank's loss is either already the full value (transparent mode, TRL, a loss without
+    ``num_items_in_batch``) or its shard's token sum over the world's token count times the world
+    size (the Trainer's ``num_items_in_batch`` convention with ``average_tokens_across_devices``,
+    which the package forces on), so the group's mean is the group's token sum over the token count
+    of the DP ranks -- what a run without SP on ``dp_size`` processes reports. The result is then
+    gathered over the DP group exactly as a run without SP on ``dp_size`` processes gathers it
+    (re-assembled sequences padded at their end with -100 to the longest over the DP group, as the
+    evaluation loop pads them without SP), dropping the duplicated tail of the last batch likewise.
     """
     from accelerate.utils import pad_across_processes, recursively_apply
 
