@@ -143,8 +143,10 @@ def test_attention_function_rejects_unsupported_inputs():
     q = k = v = torch.randn(1, 4, 8, 8)
     with pytest.raises(ValueError, match="2D padding mask"):
         ulysses_flash_attention(module, q, k, v, torch.ones(1, 1, 8, 8, dtype=torch.bool))
-    with pytest.raises(NotImplementedError, match="s_aux"):
+    ulysses_attn.set_kernel("sdpa")  # attention sinks (gpt-oss) need a kernel that applies them
+    with pytest.raises(ValueError, match="'sdpa' cannot run this call .*attention sinks=True"):
         ulysses_flash_attention(module, q, k, v, None, s_aux=torch.zeros(4))
+    ulysses_attn.set_kernel(None)
     cu = torch.tensor([0, 3, 8], dtype=torch.int32)
     with pytest.raises(NotImplementedError, match="self-attention only"):
         ulysses_flash_attention(module, q, k, v, None, cu_seq_lens_q=cu, cu_seq_lens_k=torch.tensor([0, 8]))
