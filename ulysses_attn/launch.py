@@ -29,7 +29,8 @@ def _split(argv: list[str]) -> tuple[list[str], list[str]]:
         arg = argv[i]
         if arg == "-m" or not arg.startswith("-"):
             return argv[:i], argv[i:]
-        i += 1 if "=" in arg or arg not in takes_value else 2
+        optional_value = arg == "--long-sequence" and i + 1 < len(argv) and argv[i + 1] == "auto"
+        i += 1 if "=" in arg or (arg not in takes_value and not optional_value) else 2
     return argv, []
 
 
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     own, target = _split(list(sys.argv[1:] if argv is None else argv))
     parser = argparse.ArgumentParser(
         prog="python -m ulysses_attn.launch",
-        usage="%(prog)s [--sp-size N] [--kernel K] [--long-sequence] [--selective-checkpointing] "
+        usage="%(prog)s [--sp-size N] [--kernel K] [--long-sequence [auto]] [--selective-checkpointing] "
         "[--transparent auto|on|off] [--keep-attn-implementation] (script.py | -m module) [args]",
     )
     parser.add_argument(
@@ -49,9 +50,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kernel", default=None, help="force the inner attention kernel (see ulysses_attn.kernels)")
     parser.add_argument(
         "--long-sequence",
-        action="store_true",
+        nargs="?",
+        const=True,
+        default=False,
+        choices=[True, "auto"],
         help="turn on every memory saving: chunked loss, tiled MLP, activation checkpointing with "
-        "CPU offload (docs/long-sequences.md)",
+        "CPU offload; 'auto': the memory plan picks them for each step (docs/long-sequences.md)",
     )
     parser.add_argument(
         "--selective-checkpointing",
@@ -74,7 +78,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(own)
     if not target or (target[0] == "-m" and len(target) < 2):
         parser.error("give a script to run (or -m module)")
-    memory = MemoryOptions.long_sequence() if args.long_sequence else None
+    memory = (
+        MemoryOptions.automatic()
+        if args.long_sequence == "auto"
+        else MemoryOptions.long_sequence()
+        if args.long_sequence
+        else None
+    )
+    if args.selective_checkpointing and args.long_sequence == "auto":
+        parser.error("--long-sequence auto chooses selective checkpointing itself; drop --selective-checkpointing")
     if args.selective_checkpointing:
         memory = memory or MemoryOptions(activation_checkpointing=True)
         memory.selective_checkpointing = True

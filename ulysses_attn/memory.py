@@ -14,7 +14,9 @@
 
 ``enable(sp_size, long_sequence=True)`` (launcher: ``--long-sequence``) turns the first three on,
 and activation checkpointing with them, for every Trainer; :func:`configure_memory` does it for one
-model.
+model. ``long_sequence="auto"`` (``--long-sequence auto``, :meth:`MemoryOptions.automatic`) picks
+them at every training forward: the set with the least recompute that fits the device's free memory
+for that forward's tokens (:mod:`ulysses_attn.memory_plan`).
 """
 
 from __future__ import annotations
@@ -29,13 +31,14 @@ import torch
 from . import patches
 from .head import LogitTransform, checked_logit_transform
 from .loss import LossPath, chunked_causal_lm_loss, loss_path
+from .memory_plan import Choice, MemoryPlan, PlanChecker, agreed_plan
 from .models import decoder_layers
 from .offload import CheckpointOffloader
-from .selective_checkpoint import keep_attention_outputs_of, recompute_attention_outputs_of
-from .state import warn_once
+from .selective_checkpoint import keep_attention_outputs_of, keeps_attention_outputs, recompute_attention_outputs_of
+from .state import announce_once, warn_once
 from .tiled_mlp import tile_mlp
 
-__all__ = ["MemoryOptions", "configure_memory"]
+__all__ = ["MemoryOptions", "apply_choice", "configure_memory"]
 
 
 @dataclasses.dataclass
@@ -53,6 +56,8 @@ class MemoryOptions:
     activation_checkpointing: bool = False  # turned on for the Trainer when set (long_sequence)
     selective_checkpointing: bool = False
     offload_attention_outputs: bool = True  # applies with selective_checkpointing and offload_checkpoints
+    auto: bool = False  # the memory plan picks the four above at every training forward (memory_plan.py)
+    memory_budget_bytes: int | None = None  # auto: what a step may allocate (None: the device's free memory)
 
     def __post_init__(self):
         for name in ("loss_chunk_tokens", "mlp_chunk_tokens"):
@@ -61,11 +66,22 @@ class MemoryOptions:
                 raise ValueError(f"MemoryOptions.{name} must be a positive number of tokens or None; got {value!r}.")
         if not isinstance(self.offload_min_bytes, int) or self.offload_min_bytes < 0:
             raise ValueError(f"MemoryOptions.offload_min_bytes must be >= 0; got {self.offload_min_bytes!r}.")
+        if self.memory_budget_bytes is not None and self.memory_budget_bytes < 1:
+            raise ValueError(
+                f"MemoryOptions.memory_budget_bytes must be positive or None; got {self.memory_budget_bytes!r}."
+            )
 
     @classmethod
     def long_sequence(cls, **overrides) -> MemoryOptions:
         """Every memory saving on: chunked loss, tiled MLP, checkpointing with offload."""
         return cls(**{"tiled_mlp": True, "offload_checkpoints": True, "activation_checkpointing": True, **overrides})
+
+    @classmethod
+    def automatic(cls, **overrides) -> MemoryOptions:
+        """The memory plan (:mod:`ulysses_attn.memory_plan`): at every training forward, the
+        checkpointed layers, selective checkpointing, offload and MLP tiling with the least recompute
+        that fit ``memory_budget_bytes`` (default: the device's free memory, less 10%)."""
+        return cls(**{"auto": True, "activation_checkpointing": True, **overrides})
 
     def with_env_overrides(self) -> MemoryOptions:
         """Sizes from ``ULYSSES_LOSS_CHUNK_TOKENS``, ``ULYSSES_MLP_CHUNK_TOKENS`` and
@@ -73,6 +89,8 @@ class MemoryOptions:
         changes: dict[str, Any] = {
             field: int(os.environ[var]) for var, field in _ENV_SIZES.items() if os.environ.get(var)
         }
+        if os.environ.get("ULYSSES_MEMORY_BUDGET_GIB"):
+            changes["memory_budget_bytes"] = int(float(os.environ["ULYSSES_MEMORY_BUDGET_GIB"]) * 2**30)
         return dataclasses.replace(self, **changes)
 
 
@@ -96,12 +114,18 @@ def configure_memory(model: torch.nn.Module, options: MemoryOptions | None = Non
     if getattr(hf, "get_output_embeddings", lambda: None)() is None or not hasattr(hf, "base_model"):
         raise NotImplementedError(f"configure_memory needs a causal LM with an LM head; got {type(hf).__name__}.")
     previous = getattr(hf, "_ulysses_memory", None)
-    if options.tiled_mlp:
+    if options.auto:
+        hf._ulysses_plan_tiling = _try_tiling(hf, options.mlp_chunk_tokens)
+    elif options.tiled_mlp:
         tile_mlp(hf, options.mlp_chunk_tokens)
     elif getattr(hf, "_ulysses_tiling", None) is not None:  # switched off by this call
         hf._ulysses_tiling.enabled = False
-    if previous is not None and previous.selective_checkpointing and not options.selective_checkpointing:
-        recompute_attention_outputs_of(decoder_layers(hf.base_model))
+    layers = decoder_layers(hf.base_model)
+    was_auto = previous is not None and previous.auto
+    if previous is not None and (previous.selective_checkpointing or was_auto) and not options.selective_checkpointing:
+        recompute_attention_outputs_of(layers)
+    if was_auto and not options.auto and hf.__dict__.pop("_ulysses_plan_checkpointing", False):
+        _checkpoint_layers(layers, len(layers))  # as transformers' checkpointing left them
     if previous is None:
         patches.replace("transformers.PreTrainedModel.forward", hf, "forward", _chunked_loss_forward(hf, hf.forward))
         backbone = hf.base_model
@@ -124,8 +148,102 @@ def _is_checkpointing(model: Any) -> bool:
 
 
 def _forget_memory(model: torch.nn.Module) -> None:
-    for name in ("_ulysses_memory", "_ulysses_offloader"):
+    for name in (
+        "_ulysses_memory",
+        "_ulysses_offloader",
+        "_ulysses_plan_tiling",
+        "_ulysses_plan_checker",
+        "_ulysses_plan_checkpointing",
+    ):
         model.__dict__.pop(name, None)
+
+
+def _try_tiling(model: Any, chunk_tokens: int | None) -> bool:
+    """Tile the MLPs for the plan to switch on and off (off until a plan asks); False where they
+    cannot be tiled (mixture-of-experts blocks, no ``mlp``)."""
+    try:
+        tile_mlp(model, chunk_tokens)
+    except NotImplementedError:
+        return False
+    model._ulysses_tiling.enabled = False
+    return True
+
+
+def _checkpointing_enabled(model: Any) -> bool:
+    """Whether activation checkpointing was enabled on ``model`` (by the Trainer or the script)
+    before the plan took the layers' switches over."""
+    enabled = model.__dict__.get("_ulysses_plan_checkpointing") or _is_checkpointing(model)
+    model.__dict__["_ulysses_plan_checkpointing"] = enabled
+    return enabled
+
+
+def _checkpoint_layers(layers: list, count: int) -> None:
+    """Checkpoint the first ``count`` decoder layers (transformers reads the switch at each call)."""
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i < count
+
+
+def apply_choice(model: Any, choice: Choice) -> MemoryOptions:
+    """Switch ``model`` (configured with ``MemoryOptions(auto=True)``) to one candidate of the plan;
+    returns the options in force for this forward. Checkpointing must be enabled on the model
+    (``gradient_checkpointing_enable()``, done by the Trainer) for ``choice.checkpointed > 0``."""
+    options: MemoryOptions = model._ulysses_memory
+    layers = decoder_layers(model.base_model)
+    if _checkpointing_enabled(model):
+        _checkpoint_layers(layers, choice.checkpointed)
+    elif choice.checkpointed:
+        raise ValueError("apply_choice: checkpointed layers need activation checkpointing enabled on the model.")
+    if getattr(model, "_ulysses_tiling", None) is not None:
+        model._ulysses_tiling.enabled = choice.tiled_mlp
+    if choice.selective and choice.checkpointed:
+        keep_attention_outputs_of(layers)
+    elif any(keeps_attention_outputs(layer) for layer in layers):
+        recompute_attention_outputs_of(layers)
+    model._ulysses_offloader.offload_kept = choice.selective and options.offload_attention_outputs
+    return dataclasses.replace(
+        options,
+        auto=False,
+        tiled_mlp=choice.tiled_mlp,
+        offload_checkpoints=choice.offload,
+        selective_checkpointing=choice.selective and choice.checkpointed > 0,
+        activation_checkpointing=choice.checkpointed > 0,
+    )
+
+
+def _plan(model: Any, options: MemoryOptions, layers: list, args: tuple, kwargs: dict) -> MemoryOptions:
+    """Plan this training forward's memory options and switch the model to them."""
+    x = kwargs.get("input_ids")
+    x = x if x is not None else kwargs.get("inputs_embeds")
+    x = x if x is not None or not args else args[0]
+    if not torch.is_tensor(x) or x.dim() < 2:
+        return options
+    checker = model.__dict__.setdefault("_ulysses_plan_checker", PlanChecker())
+    checkpointing = bool(layers) and _checkpointing_enabled(model)
+    if not checkpointing:
+        warn_once(
+            ("plan_without_checkpointing", id(model)),
+            "ulysses_attn: the memory plan can only tile MLPs: activation checkpointing is not enabled on the model "
+            "(the Trainer enables it with long_sequence='auto'; otherwise call model.gradient_checkpointing_enable()).",
+        )
+    plan: MemoryPlan = agreed_plan(
+        model,
+        x,
+        budget_bytes=options.memory_budget_bytes,
+        checker=checker,
+        tiling=bool(getattr(model, "_ulysses_plan_tiling", False)),
+        checkpointing=checkpointing,
+        loss_chunk_tokens=options.loss_chunk_tokens,
+    )
+    layer_count = len(layers)
+    announce_once(("memory plan", plan.choice, plan.tokens), "ulysses_attn: memory plan: " + plan.describe(layer_count))
+    if not plan.fits:
+        warn_once(
+            ("plan does not fit", plan.tokens, plan.seq),
+            "ulysses_attn: no memory plan fits: %s. Train shorter sequences, a larger SP size, or ZeRO-3 with "
+            "parameter offload.",
+            plan.describe(layer_count),
+        )
+    return apply_choice(model, plan.choice)
 
 
 def _backbone_forward(model: Any, original: Any) -> Any:
@@ -140,6 +258,8 @@ def _backbone_forward(model: Any, original: Any) -> Any:
     def forward(*args, **kwargs):
         options: MemoryOptions = model._ulysses_memory
         training = model.training and torch.is_grad_enabled()
+        if options.auto and training:
+            options = _plan(model, options, layers, args, kwargs)
         checkpointing = training and _is_checkpointing(model)
         if checkpointing and options.selective_checkpointing:
             keep_attention_outputs_of(layers)  # the Trainer (re-)enables checkpointing in train()

@@ -134,7 +134,7 @@ def enable(
     sp_size: int | None = None,
     *,
     kernel: str | None = None,
-    long_sequence: bool = False,
+    long_sequence: bool | str = False,
     memory: MemoryOptions | None = None,
     transparent: bool | None = None,
     select_backend: bool = True,
@@ -148,7 +148,9 @@ def enable(
 
     ``long_sequence=True`` turns on every memory saving (``MemoryOptions.long_sequence()``:
     chunked loss, tiled MLP, activation checkpointing with overlapped CPU offload); ``memory``
-    picks them one by one. Without either, SP runs use the chunked loss only.
+    picks them one by one. Without either, SP runs use the chunked loss only. ``long_sequence="auto"``
+    picks them at every training forward (``MemoryOptions.automatic()``: the least recompute that
+    fits the device's free memory; docs/long-sequences.md).
 
     ``transparent``: ``None`` (default) lets each Trainer whose loss the package does not make
     SP-aware (``compute_loss_func``, label smoothing, a trainer's own ``compute_loss``, a model that
@@ -168,7 +170,11 @@ def enable(
         set_kernel(kernel)
     if long_sequence and memory is not None:
         raise ValueError("pass either long_sequence=True or memory=MemoryOptions(...), not both")
-    STATE.memory = MemoryOptions.long_sequence() if long_sequence else memory
+    if long_sequence not in (False, True, "auto"):
+        raise ValueError(f"long_sequence must be True, False or 'auto'; got {long_sequence!r}")
+    if long_sequence == "auto":
+        memory = MemoryOptions.automatic()
+    STATE.memory = MemoryOptions.long_sequence() if long_sequence is True else memory
     STATE.transparent = transparent
     STATE.select_backend = select_backend
     _patch_trainer()
