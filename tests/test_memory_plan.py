@@ -151,6 +151,12 @@ def test_the_plan_follows_the_budget_in_a_training_step():
         for name, g in grads.items():
             assert ((g - ref_grads[name]).norm() / ref_grads[name].norm()).item() < 1e-5, name
         assert seen.attention == attention  # no layer recomputed, then every one
+    model.model.layers[0].gradient_checkpointing = False  # as a plan leaves it for an unconstrained step
+    import ulysses_attn
+
+    ulysses_attn.disable()  # gives the layers back as transformers' checkpointing left them
+    assert all(layer.gradient_checkpointing for layer in model.model.layers)
+    assert not hasattr(model, "_ulysses_memory")
 
 
 def _choices(layers):

@@ -148,6 +148,8 @@ def _is_checkpointing(model: Any) -> bool:
 
 
 def _forget_memory(model: torch.nn.Module) -> None:
+    if model.__dict__.get("_ulysses_plan_checkpointing"):  # the plan's per-layer switches: as transformers set them
+        _checkpoint_layers(decoder_layers(model), len(decoder_layers(model)))
     for name in (
         "_ulysses_memory",
         "_ulysses_offloader",

@@ -174,16 +174,18 @@ def activation_bytes(
         host = s.layers * kept * tokens
     else:
         per_token += choice.checkpointed * kept
-    if choice.checkpointed:
-        per_token += _working_bytes_per_token(s, act, choice.tiled_mlp)
-    else:
-        per_token += _working_bytes_per_token(s, act, choice.tiled_mlp) - saved
-    # the final norm, the loss's hidden states and its gradient computed in the forward, the rotary tables
+    # the final norm, the loss's hidden states and their gradient (computed in the forward), the rotary tables
     per_token += 4 * s.hidden + 4 * act * s.hidden + 4 * act * s.head_dim
-    chunks = min(tokens, loss_chunk_tokens) * s.vocab * (4 + act) + (4 * s.vocab * s.hidden if trainable_head else 0)
+    # then the larger of two moments: the loss chunk at the end of the forward (its fp32 logits, their
+    # log-softmax and the gradient in the activations' dtype), and the backward of one layer
+    working = _working_bytes_per_token(s, act, choice.tiled_mlp) - (0 if choice.checkpointed else saved)
     if choice.tiled_mlp:
-        chunks += min(tokens, mlp_chunk) * 7 * act * s.intermediate
-    return int(per_token * tokens + chunks), int(host)
+        working_bytes = working * tokens + min(tokens, mlp_chunk) * 7 * act * s.intermediate
+    else:
+        working_bytes = working * tokens
+    loss_chunk = min(tokens, loss_chunk_tokens) * s.vocab * (8 + act)
+    head_grad = 4 * s.vocab * s.hidden if trainable_head else 0  # the fused loss's fp32 weight gradient
+    return int(per_token * tokens + max(working_bytes, loss_chunk) + head_grad), int(host)
 
 
 def recompute_share(s: DecoderShape, choice: Choice, tokens: int, seq: int) -> float:
