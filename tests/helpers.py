@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 from tiny_models import VOCAB
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ulysses_attn import SequenceParallel
 
@@ -39,3 +40,16 @@ def parity_batch(kind):
         ids = torch.randint(1, VOCAB, (1, 24), generator=g)
         return {"input_ids": ids, "position_ids": packed_positions((9, 4, 11))}, torch.ones(1, 24, dtype=torch.bool)
     raise ValueError(kind)
+
+
+class CountAttentionKernels(TorchDispatchMode):
+    """Counts the forward attention kernel calls (SDPA) made inside it, recomputes included."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "scaled_dot_product" in str(func) and "backward" not in str(func):
+            self.calls += 1
+        return func(*args, **(kwargs or {}))

@@ -9,6 +9,7 @@ import dataclasses
 import pytest
 import torch
 from example_runs import compare, run_example
+from helpers import CountAttentionKernels
 from tiny_models import REFERENCE_ATTN, VOCAB, build
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -246,17 +247,6 @@ def test_launcher_long_sequence_and_selective_switches_sp2_equal_plain(tmp_path,
     assert ref[0]["lm_head_rows_max"] > 48 >= sp[0]["lm_head_rows_max"] > 0  # the hooked head was called
     assert ref[0]["mlp_rows_max"] > 2 * 40 >= sp[0]["mlp_rows_max"]
     assert sp[0]["longest_sequence_seen"] <= ref[0]["longest_sequence_seen"] // 2
-
-
-class CountAttentionKernels(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if "scaled_dot_product" in str(func) and "backward" not in str(func):
-            self.calls += 1
-        return func(*args, **(kwargs or {}))
 
 
 def test_selective_checkpointing_keeps_attention_and_equals_full_recompute():

@@ -8,8 +8,8 @@ import copy
 import pytest
 import torch
 from example_runs import compare, run_example
+from helpers import CountAttentionKernels
 from tiny_models import VOCAB, build
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from ulysses_attn import MemoryOptions, configure_memory
 from ulysses_attn.head import checked_logit_transform
@@ -54,17 +54,6 @@ def test_longer_sequences_shift_the_plan_towards_selective_checkpointing():
     long = plan_memory(LLAMA_8B, 131072, 131072, 100 * GIB, 60 * GIB, host_budget_bytes=1000 * GIB)
     assert long.choice.selective and long.choice.checkpointed == LLAMA_8B.layers
     assert short.fits and long.fits
-
-
-class CountAttentionKernels(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if "scaled_dot_product" in str(func) and "backward" not in str(func):
-            self.calls += 1
-        return func(*args, **(kwargs or {}))
 
 
 class Counting:

@@ -32,7 +32,7 @@ from . import patches
 from .head import LogitTransform, checked_logit_transform
 from .loss import LossPath, chunked_causal_lm_loss, loss_path
 from .memory_plan import Choice, MemoryPlan, PlanChecker, agreed_plan
-from .models import decoder_layers
+from .models import decoder_layers, sequence_input
 from .offload import CheckpointOffloader
 from .selective_checkpoint import keep_attention_outputs_of, keeps_attention_outputs, recompute_attention_outputs_of
 from .state import announce_once, warn_once
@@ -124,8 +124,8 @@ def configure_memory(model: torch.nn.Module, options: MemoryOptions | None = Non
     was_auto = previous is not None and previous.auto
     if previous is not None and (previous.selective_checkpointing or was_auto) and not options.selective_checkpointing:
         recompute_attention_outputs_of(layers)
-    if was_auto and not options.auto and hf.__dict__.pop("_ulysses_plan_checkpointing", False):
-        _checkpoint_layers(layers, len(layers))  # as transformers' checkpointing left them
+    if was_auto and not options.auto:
+        _give_layers_back(hf)
     if previous is None:
         patches.replace("transformers.PreTrainedModel.forward", hf, "forward", _chunked_loss_forward(hf, hf.forward))
         backbone = hf.base_model
@@ -148,14 +148,11 @@ def _is_checkpointing(model: Any) -> bool:
 
 
 def _forget_memory(model: torch.nn.Module) -> None:
-    if model.__dict__.get("_ulysses_plan_checkpointing"):  # the plan's per-layer switches: as transformers set them
-        _checkpoint_layers(decoder_layers(model), len(decoder_layers(model)))
     for name in (
         "_ulysses_memory",
         "_ulysses_offloader",
         "_ulysses_plan_tiling",
         "_ulysses_plan_checker",
-        "_ulysses_plan_checkpointing",
     ):
         model.__dict__.pop(name, None)
 
@@ -173,10 +170,23 @@ def _try_tiling(model: Any, chunk_tokens: int | None) -> bool:
 
 def _checkpointing_enabled(model: Any) -> bool:
     """Whether activation checkpointing was enabled on ``model`` (by the Trainer or the script)
-    before the plan took the layers' switches over."""
-    enabled = model.__dict__.get("_ulysses_plan_checkpointing") or _is_checkpointing(model)
-    model.__dict__["_ulysses_plan_checkpointing"] = enabled
-    return enabled
+    before the plan took the layers' switches over; the first time, the switches are recorded so
+    that ``disable()`` turns every layer back on."""
+    if model.__dict__.get("_ulysses_plan_checkpointing"):
+        return True
+    if not _is_checkpointing(model):
+        return False
+    model.__dict__["_ulysses_plan_checkpointing"] = True
+    record = "transformers.GradientCheckpointingLayer.gradient_checkpointing"
+    patches.track(record, model, functools.partial(_give_layers_back, model))
+    return True
+
+
+def _give_layers_back(model: Any) -> None:
+    """Every decoder layer checkpointed again, as transformers' checkpointing left them."""
+    if model.__dict__.pop("_ulysses_plan_checkpointing", False):
+        layers = decoder_layers(model.base_model)
+        _checkpoint_layers(layers, len(layers))
 
 
 def _checkpoint_layers(layers: list, count: int) -> None:
@@ -214,10 +224,8 @@ def apply_choice(model: Any, choice: Choice) -> MemoryOptions:
 
 def _plan(model: Any, options: MemoryOptions, layers: list, args: tuple, kwargs: dict) -> MemoryOptions:
     """Plan this training forward's memory options and switch the model to them."""
-    x = kwargs.get("input_ids")
-    x = x if x is not None else kwargs.get("inputs_embeds")
-    x = x if x is not None or not args else args[0]
-    if not torch.is_tensor(x) or x.dim() < 2:
+    x = sequence_input(args, kwargs)
+    if x is None:
         return options
     checker = model.__dict__.setdefault("_ulysses_plan_checker", PlanChecker())
     checkpointing = bool(layers) and _checkpointing_enabled(model)
@@ -237,10 +245,11 @@ def _plan(model: Any, options: MemoryOptions, layers: list, args: tuple, kwargs:
         loss_chunk_tokens=options.loss_chunk_tokens,
     )
     layer_count = len(layers)
-    announce_once(("memory plan", plan.choice, plan.tokens), "ulysses_attn: memory plan: " + plan.describe(layer_count))
+    # once per choice, not per length: variable-length batches would print a line at every step
+    announce_once(("memory plan", plan.choice), "ulysses_attn: memory plan: " + plan.describe(layer_count))
     if not plan.fits:
         warn_once(
-            ("plan does not fit", plan.tokens, plan.seq),
+            ("plan does not fit", plan.choice),
             "ulysses_attn: no memory plan fits: %s. Train shorter sequences, a larger SP size, or ZeRO-3 with "
             "parameter offload.",
             plan.describe(layer_count),

@@ -314,11 +314,11 @@ class PlanChecker:
             f"ulysses_attn: memory plan check: predicted peak {_gib(plan.predicted_peak_bytes)}, measured "
             f"{_gib(peak)} ({peak / plan.predicted_peak_bytes:.2f}x)"
         )
-        announce_once(("plan check", plan.choice, plan.tokens), message + ".")
+        announce_once(("plan check", plan.choice), message + ".")
         if predicted > 0 and measured > 1.1 * predicted:
             self.scale = max(self.scale, self.scale * measured / predicted)
             note = f"; later plans scale activations by {self.scale:.2f}."
-            warn_once(("plan scale", plan.choice, plan.tokens), message + note)
+            warn_once(("plan scale", round(self.scale, 1)), message + note)
 
     def expect(self, plan: MemoryPlan, device: torch.device) -> None:
         self.last = plan

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["ATTN_IMPLEMENTATION", "decoder_layers", "ulysses_models", "uses_ulysses"]
+__all__ = ["ATTN_IMPLEMENTATION", "decoder_layers", "sequence_input", "ulysses_models", "uses_ulysses"]
 
 ATTN_IMPLEMENTATION = "ulysses_flash"
 
@@ -30,3 +30,12 @@ def ulysses_models(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def uses_ulysses(model: torch.nn.Module | None) -> bool:
     return model is not None and bool(ulysses_models(model))
+
+
+def sequence_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The ``[batch, seq, ...]`` input of a backbone call: ``input_ids``, else ``inputs_embeds``,
+    else the first positional argument; ``None`` if none is a tensor of at least two dimensions."""
+    x = kwargs.get("input_ids")
+    x = x if x is not None else kwargs.get("inputs_embeds")
+    x = x if x is not None or not args else args[0]
+    return x if torch.is_tensor(x) and x.dim() >= 2 else None

@@ -214,6 +214,16 @@ PATCHES: dict[str, Patch] = {
             "tests/test_memory.py::test_selective_checkpointing_keeps_attention_and_equals_full_recompute",
         ),
         _p(
+            "transformers.GradientCheckpointingLayer.gradient_checkpointing",
+            "transformers",
+            _HF,
+            "the memory plan checkpoints the first k decoder layers per step (transformers reads each layer's "
+            "switch at the call); disable() switches every layer back on",
+            "gradient_checkpointing_enable(every_n_layers=...) (a fixed pattern, not per step)",
+            "tests/test_memory_plan.py::test_the_plan_follows_the_budget_in_a_training_step",
+            kind="tracked",
+        ),
+        _p(
             "transformers.decoder_layer.mlp.forward",
             "transformers",
             _HF,

@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import patches
 from .comm import chunk_count, split_chunks
-from .models import decoder_layers
+from .models import decoder_layers, sequence_input
 
 __all__ = ["tile_mlp", "default_mlp_chunk_tokens"]
 
@@ -56,11 +56,9 @@ class _Tiling:
         self.enabled = True  # configure_memory(tiled_mlp=False) switches it off
 
     def agree(self, backbone: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        x = kwargs.get("input_ids")
-        x = x if x is not None else kwargs.get("inputs_embeds")
-        x = x if x is not None or not args else args[0]
+        x = sequence_input(args, kwargs)
         self.seq = self.count = None
-        if torch.is_tensor(x) and x.dim() >= 2:
+        if x is not None:
             self.seq, self.count = x.shape[1], chunk_count(x.shape[1], self.chunk_tokens, x.device)
 
     def count_for(self, hidden_states: torch.Tensor) -> int:
