@@ -166,8 +166,8 @@ def test_plan_options_are_checked():
 def test_launcher_long_sequence_auto_sp2_equals_plain(tmp_path, baselines):
     """``--long-sequence auto`` at SP 2 with a budget that forces checkpointing: the same losses,
     grad norms and weights as the plain run; every rank took the same plan."""
-    ref = baselines("plain")
-    sp = run_example(tmp_path, 2, 2, launch_flags=["--long-sequence", "auto"],
+    ref = baselines("plain", extra=["--eval"])  # the session's cache: the same name, the same arguments
+    sp = run_example(tmp_path, 2, 2, extra=["--eval"], launch_flags=["--long-sequence", "auto"],
                      env={"ULYSSES_MEMORY_BUDGET_GIB": "0.0001"})
     diff = compare(sp, ref)
     assert diff["same_length"] and max(diff["logged"].values()) < 1e-5 and diff["weights"] < 5e-5, diff

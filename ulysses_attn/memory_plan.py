@@ -297,7 +297,6 @@ class PlanChecker:
         self.scale = 1.0
         self.last: MemoryPlan | None = None  # the plan of the latest training forward
         self.pending: tuple[MemoryPlan, int] | None = None
-        self.checks: list[tuple[MemoryPlan, int]] = []  # (plan, measured peak) for the steps that set a new high
 
     def observe(self, device: torch.device) -> None:
         if device.type != "cuda" or self.pending is None:
@@ -307,7 +306,6 @@ class PlanChecker:
         peak = torch.cuda.max_memory_allocated(device)
         if peak <= before:  # this step's peak stayed below an earlier one: nothing to compare
             return
-        self.checks.append((plan, peak))
         predicted = plan.predicted_peak_bytes - plan.static_bytes
         measured = peak - plan.static_bytes
         message = (
