@@ -29,6 +29,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from lib.measure import cap_gpu_memory  # noqa: E402
 from lib.shapes import FORMULA, build_model, make_batch, model_flops, n_matmul  # noqa: E402
 
 from ulysses_attn import memory as memory_module  # noqa: E402
@@ -112,10 +113,16 @@ def main() -> None:
     ap.add_argument("--seq", default="16384,65536")
     ap.add_argument("--modes", default="auto", help="auto and/or choices (see the docstring), comma-separated")
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--gpu-memory-gib", type=float, default=0,
+                    help="emulate a smaller GPU of the same kind (bench_train.py's option; the plan sees the cap)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.gpu_memory_gib and DEV == "cuda":
+        torch.cuda.init()
+        cap_gpu_memory(args.gpu_memory_gib)
     info = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "formula": FORMULA,
-            "gpu": torch.cuda.get_device_name() if DEV == "cuda" else "cpu"}
+            "gpu": torch.cuda.get_device_name() if DEV == "cuda" else "cpu",
+            "gpu_memory_cap_gib": args.gpu_memory_gib or None}
     results = []
     for shape in args.model.split(","):
         seqs = [int(s) for s in args.seq.split(",")]

@@ -112,7 +112,19 @@ def computation(conf: Configuration, m: Measurement, flops: int, args) -> dict:
         "attn_flop_share": round(attention_flops(s.model.config, [conf.seq]) / flops, 3),
         "ulysses_kernel": s.runner.used_kernels(),
         "attention_replayed_per_step": m.replayed,  # selective checkpointing: kernel calls the recompute skipped
+        **plan_result(s.model),
     }
+
+
+def plan_result(model) -> dict:
+    """``+auto``: the memory plan of the last step and its predicted peak (``memory_plan``)."""
+    checker = getattr(model, "_ulysses_plan_checker", None)
+    plan = getattr(checker, "last", None)
+    if plan is None:
+        return {}
+    return {"memory_plan": plan.choice.describe(model.config.num_hidden_layers),
+            "plan_predicted_peak_gib": round(plan.predicted_peak_bytes / 2**30, 2),
+            "plan_budget_gib": None if plan.budget_bytes is None else round(plan.budget_bytes / 2**30, 2)}
 
 
 def summarise(conf: Configuration, m: Measurement, args) -> dict:

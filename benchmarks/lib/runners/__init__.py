@@ -1,7 +1,7 @@
 """One runner per system under test: :class:`~.ulysses.UlyssesRunner` (this package),
 :class:`~.alst.AlstRunner` (DeepSpeed ALST's attention and memory features) and
 :class:`~.stock.StockRunner` (a stock HF backend, no SP). A mode label names the runner and its
-options: ``ulysses[@<kernel>][+selective[+offload]]``, ``alst``, ``sdpa``, ``flash_attention_<n>``."""
+options: ``ulysses[@<kernel>][+selective[+offload]|+auto]``, ``alst``, ``sdpa``, ``flash_attention_<n>``."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ from .base import Runner
 from .stock import StockRunner
 from .ulysses import UlyssesRunner
 
-VARIANTS = ("", "selective", "selective+offload")
+VARIANTS = ("", "selective", "selective+offload", "auto")
 
 
 def parse_mode(label: str) -> tuple[str, str, str]:
     """``(system, forced kernel, variant)`` of a mode label."""
     name, _, variant = label.partition("+")  # "ulysses+selective": keep attention outputs
     if variant not in VARIANTS or (variant and not name.startswith("ulysses")):
-        raise ValueError(f"unknown variant in {label!r} (ulysses+selective, ulysses+selective+offload)")
+        raise ValueError(f"unknown variant in {label!r} (ulysses+selective, ulysses+selective+offload, ulysses+auto)")
     name, _, forced = name.partition("@")  # "ulysses@torch_varlen": force the inner kernel
     if forced and name != "ulysses":
         raise ValueError(f"only ulysses takes a forced kernel, got {label!r}")

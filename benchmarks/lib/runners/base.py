@@ -29,9 +29,13 @@ def tiled_loss_sum(hidden, lm_head, shift_labels, chunk: int):
 
 def configure_ours(model, args, variant: str, chunked_loss: bool) -> None:
     """This package's memory options: ``--long-sequence`` (``chunked_loss`` for ulysses only) and
-    the ``+selective[+offload]`` variant; nothing without either."""
+    the ``+selective[+offload]`` variant; ``+auto``: the memory plan (``MemoryOptions.automatic()``,
+    whatever ``--long-sequence`` says); nothing without either."""
     import ulysses_attn
 
+    if variant == "auto":
+        ulysses_attn.configure_memory(model, ulysses_attn.MemoryOptions.automatic(chunked_loss=chunked_loss))
+        return
     if not (args.long_sequence or variant):
         return
     options = (ulysses_attn.MemoryOptions.long_sequence(chunked_loss=chunked_loss) if args.long_sequence
@@ -47,6 +51,7 @@ class Runner:
 
     def __init__(self, name: str, attn: str, P: int, group) -> None:
         self.name, self.attn, self.P, self.group = name, attn, P, group
+        self.variant = ""  # the mode's +variant, set by add_memory_features
 
     def set_kernel(self, forced: str, args) -> None:
         """The ulysses inner kernel for this configuration: automatic unless a runner forces one."""
@@ -57,6 +62,7 @@ class Runner:
     def add_memory_features(self, model, args, variant: str) -> None:
         """The system's own memory savings (``--long-sequence``, variants); by default ours without
         the chunked loss."""
+        self.variant = variant
         configure_ours(model, args, variant, chunked_loss=False)
 
     def attach(self, model, args, sp, state: dict) -> None:
@@ -80,7 +86,7 @@ class Runner:
         """The token-weighted cross-entropy over the whole sequence (the same on every rank of a group)."""
         if args.loss == "hf":
             return self.hf_loss(model, batch)
-        if args.long_sequence:
+        if args.long_sequence or self.variant == "auto":
             return self.long_sequence_loss(model, batch, args)
         return self.tiled_loss(model, batch, args)
 

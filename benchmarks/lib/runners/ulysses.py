@@ -18,7 +18,8 @@ class UlyssesRunner(Runner):
         ulysses_attn.set_kernel(forced or args.kernel or None)
 
     def add_memory_features(self, model, args, variant: str) -> None:
-        """``MemoryOptions.long_sequence()`` with its chunked loss through the model's forward."""
+        """``MemoryOptions.long_sequence()`` (or the plan) with its chunked loss through the model's forward."""
+        self.variant = variant
         configure_ours(model, args, variant, chunked_loss=True)
 
     def long_sequence_loss(self, model, batch: dict, args) -> torch.Tensor:
@@ -28,7 +29,7 @@ class UlyssesRunner(Runner):
 
     def loss_path(self, model, args) -> str:
         """Ours fuses the head and the cross-entropy for a plain head, else chunks."""
-        if not args.long_sequence:
+        if not (args.long_sequence or self.variant == "auto"):
             return args.loss
         from ulysses_attn.loss import fused_head_applies
 
