@@ -1,4 +1,5 @@
-"""Gated delta-net layers (Qwen3-Next, Qwen3.5) under SP equal one process (fp32, CPU, gloo).
+"""Gated delta-net layers (Qwen3-Next, Qwen3.5) and short-convolution layers (LFM2, LFM2-MoE, LFM3)
+under SP equal one process (fp64 and fp32, CPU, gloo).
 
 ulysses_attn/linear_attention.py: the causal conv gets a halo of the k-1 positions before its shard,
 the delta rule runs Ulysses-style over the full sequence for Hv/P value heads. Packed rows, cached
@@ -28,11 +29,16 @@ from ulysses_attn.loss import causal_lm_loss
 RTOL = {torch.float64: 1e-6, torch.float32: 1e-5}
 MODELS = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")
 LAYERS = ["linear_attention", "full_attention", "linear_attention"]
+SHORT_CONV_MODELS = ("lfm2", "lfm2_moe", "lfm3")
+SHORT_CONV_LAYERS = ["conv", "full_attention", "conv"]
 
 
 def _config(model_type: str, **overrides):
     cfg = tiny_config(model_type)
-    cfg.num_hidden_layers, cfg.layer_types = len(LAYERS), list(LAYERS)
+    layers = SHORT_CONV_LAYERS if model_type in SHORT_CONV_MODELS else LAYERS
+    cfg.num_hidden_layers, cfg.layer_types = len(layers), list(layers)
+    if hasattr(cfg, "full_attn_idxs"):  # LFM2 keeps its layer kinds in both fields
+        cfg.full_attn_idxs = [i for i, kind in enumerate(layers) if kind == "full_attention"]
     for k, v in overrides.items():
         setattr(cfg, k, v)
     return cfg
@@ -123,7 +129,7 @@ def _parity(model_type: str, kind: str, world: int, dtype: torch.dtype, checkpoi
     if checkpointing:  # the halo all-gather and the all-to-alls run again in the recompute
         model.activation_checkpointing_enable({"use_reentrant": False})
         model.train()
-    seen: dict[str, set] = {"layers": set(), "gdn": set()}
+    seen: dict[str, set] = {"layers": set(), "mixer": set()}
 
     def tokens(where):
         def hook(m, args, kwargs, *out):
@@ -133,8 +139,8 @@ def _parity(model_type: str, kind: str, world: int, dtype: torch.dtype, checkpoi
 
     for layer in model.model.layers:
         layer.register_forward_hook(tokens("layers"), with_kwargs=True)
-        if hasattr(layer, "linear_attn"):
-            layer.linear_attn.register_forward_pre_hook(tokens("gdn"), with_kwargs=True)
+        for mixer in filter(linear_attention.is_linear_mixer, layer.modules()):
+            mixer.register_forward_pre_hook(tokens("mixer"), with_kwargs=True)
     calls = ulysses_attn.state.STATE.attention_calls
     shard = shard_batch(batch)
     out = model(**shard)
@@ -154,7 +160,7 @@ def _parity(model_type: str, kind: str, world: int, dtype: torch.dtype, checkpoi
     return {
         "shard_seq": shard["input_ids"].shape[1],
         "seen": seen,
-        "mixing_calls": calls,  # attention + delta-rule calls through the package
+        "mixing_calls": calls,  # attention + delta-rule + short-conv calls through the package
         "exact_layers": sum(linear_attention.is_exact(m) for m in model.modules()),
         "loss": abs(out.loss.item() - ref_out.loss.item()) / abs(ref_out.loss.item()),
         "logits": rel_err(logits[keep], ref_out.logits.detach()[keep]),
@@ -180,7 +186,7 @@ def test_gated_delta_net_models_sp_equal_one_process(world):
         for (mt, kind, dtype), r in result.items():
             seq = _batch(kind)["input_ids"].shape[1]
             assert r["shard_seq"] == -(-seq // world)
-            assert r["seen"] == {"layers": {r["shard_seq"]}, "gdn": {r["shard_seq"]}}, (mt, kind, r["seen"])
+            assert r["seen"] == {"layers": {r["shard_seq"]}, "mixer": {r["shard_seq"]}}, (mt, kind, r["seen"])
             recomputed = 2 if dtype == "checkpointing" else 1
             assert r["exact_layers"] == 2 and r["mixing_calls"] == recomputed * len(LAYERS), (mt, kind, r)
             rtol = RTOL.get(dtype, RTOL[torch.float32])
@@ -188,6 +194,28 @@ def test_gated_delta_net_models_sp_equal_one_process(world):
             bad = {n: e for n, e in r["grads"].items() if not e < rtol}
             assert not bad, (mt, kind, dtype, bad)
             assert any("A_log" in n for n in r["grads"]) and any("conv1d" in n for n in r["grads"])
+
+
+def _short_conv_worker(rank, world):
+    ulysses_attn.init_sequence_parallel(world)
+    return {(mt, kind, dtype): _parity(mt, kind, world, dtype)
+            for dtype in (torch.float64, torch.float32) for mt in SHORT_CONV_MODELS for kind in ("plain", "padded")}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_short_conv_models_sp_equal_one_process(world):
+    """LFM2 / LFM2-MoE / LFM3 (short-conv + attention layers): logits, loss and every gradient (the
+    conv weights included) equal one process; the decoder and short-conv layers saw ceil(S/P) tokens;
+    both short-conv layers ran the package's halo convolution (each counted as its layer's mixing call)."""
+    for result in run_distributed(_short_conv_worker, world):
+        for (mt, kind, dtype), r in result.items():
+            assert r["shard_seq"] == -(-_batch(kind)["input_ids"].shape[1] // world)
+            assert r["seen"] == {"layers": {r["shard_seq"]}, "mixer": {r["shard_seq"]}}, (mt, kind, r["seen"])
+            assert r["exact_layers"] == 2 and r["mixing_calls"] == len(SHORT_CONV_LAYERS), (mt, kind, r)
+            assert r["loss"] < RTOL[dtype] and r["logits"] < RTOL[dtype], (mt, kind, dtype, r["loss"], r["logits"])
+            bad = {n: e for n, e in r["grads"].items() if not e < RTOL[dtype]}
+            assert not bad, (mt, kind, dtype, bad)
+            assert any("conv.weight" in n for n in r["grads"])
 
 
 # --- refusals, and generation without SP -------------------------------------------------------------------
@@ -212,6 +240,11 @@ def _refusal_worker(rank, world):
         with pytest.raises(NotImplementedError) as info:
             model(**inputs)
         messages[name] = str(info.value)
+    lfm2 = build(_config("lfm2"), "ulysses_flash")
+    for name, inputs in (("short conv packed", shard), ("short conv cache", cases["cache"])):
+        with pytest.raises(NotImplementedError) as info:
+            lfm2(**inputs)
+        messages[name] = str(info.value)
     odd = build(_config("qwen3_next", linear_num_value_heads=3, linear_num_key_heads=1), "ulysses_flash")
     with pytest.raises(NotImplementedError) as info:
         odd(**shard_batch({"input_ids": ids, "use_cache": False}))
@@ -230,8 +263,9 @@ def _refusal_worker(rank, world):
 
 def test_packed_and_cached_forwards_are_refused():
     for messages, same_tokens, logits_err in run_distributed(_refusal_worker, 2):
-        for name in ("packed", "packed positions only"):
+        for name in ("packed", "packed positions only", "short conv packed"):
             assert "packed rows" in messages[name] and "sp_size=1" in messages[name], messages[name]
-        assert "use_cache=False" in messages["cache"] and "unsharded()" in messages["cache"], messages["cache"]
+        for name in ("cache", "short conv cache"):
+            assert "use_cache=False" in messages[name] and "unsharded()" in messages[name], messages[name]
         assert "3 value heads" in messages["heads"] and "size 2" in messages["heads"], messages["heads"]
         assert same_tokens and logits_err < 1e-6

@@ -133,8 +133,9 @@ def test_every_kind_of_record_is_covered():
         "transformers.decoder_layer.mlp.forward",
         "trl.fused_lm_head.forward",
         "transformers.RotaryEmbedding.forward",
-        # a gated delta-net layer's private kernel wrappers: tests/test_linear_attention.py checks the seam
+        # a linear-attention layer's private kernel wrappers: tests/test_linear_attention.py checks the seam
         "transformers.GatedDeltaNet._kernel_funcs.causal_conv1d_forward",
+        "transformers.ShortConv._kernel_funcs.causal_conv1d_forward",
         "transformers.GatedDeltaNet._kernel_funcs.chunk_gated_delta_rule",
         "llamafactory.CustomDPOTrainer.concatenated_forward",  # LLaMA-Factory runs in its own venv
     }

@@ -344,7 +344,7 @@ REASONS = (  # (what the message says, the table's words)
     ("takes no position_ids", "no position_ids"),
     ("2D padding mask", "4D attention mask"),
     ("prefix_lm", "prefix-LM mask (transformers)"),
-    ("packed rows (position_ids restarting, or cu_seq_lens) in a model with", "packed rows in gated delta-net layers"),
+    ("packed rows (position_ids restarting, or cu_seq_lens) in a model with", "packed rows in linear-attention layers"),
 )
 
 

@@ -9,8 +9,8 @@ attention function sees the whole sequence. Two kinds of model code see just the
   no model: a decoder layer holding a convolution over the sequence (``nn.Conv1d``, kernel > 1) or a
   state-space decay (``A_log``), found before the first forward; and a decoder layer that ran
   without calling the attention function, found in the first forward. The gated delta-net layers
-  of Qwen3-Next / Qwen3.5 are made exact first (:func:`ulysses_attn.linear_attention.make_exact`)
-  and pass both rules; every other such layer is refused.
+  of Qwen3-Next / Qwen3.5 and LFM2's short convolutions are made exact first
+  (:func:`ulysses_attn.linear_attention.make_exact`) and pass both rules; every other such layer is refused.
 - **RoPE that depends on the sequence length** (``dynamic``, ``longrope``, PhiMoE's scaling):
   its frequencies follow ``max(position_ids)``, which differs between the shards.
   :func:`global_rope_lengths` makes such a module see the group's maximum position.
@@ -65,7 +65,7 @@ def _advice(model: torch.nn.Module) -> str:
 def token_mixing_modules(model: torch.nn.Module) -> list[str]:
     """The decoder-layer submodules of ``model`` that mix tokens outside attention, as
     ``"name (what)"``: convolutions over the sequence and state-space / delta-rule decays (those
-    inside a gated delta-net layer made exact, :func:`ulysses_attn.linear_attention.is_exact`, excepted)."""
+    inside a layer made exact, :func:`ulysses_attn.linear_attention.is_exact`, excepted)."""
     names = {id(m): n for n, m in model.named_modules()}
     found = []
     for layer in decoder_layers(model):

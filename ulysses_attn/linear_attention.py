@@ -1,4 +1,4 @@
-"""Gated delta-net (linear-attention) layers made exact under sequence parallelism.
+"""Gated delta-net (linear-attention) and short-convolution layers made exact under sequence parallelism.
 
 Qwen3-Next and Qwen3.5 (dense and MoE) mix full-attention layers with gated delta-net (GDN) layers.
 A GDN layer mixes tokens twice, outside the attention function:
@@ -16,7 +16,10 @@ instance, the two kernel functions transformers routes through the layer (``use_
   g and beta go through an all-to-all to the full sequence for ``Hv/P`` value heads, the layer's own
   chunked kernel runs on them, and its output comes back to ``S/P`` tokens of every head.
 
-Everything else in the layer (projections, the padding mask, the gated norm) is per token. Outside
+LFM2's short-convolution layers (LFM2, LFM2-MoE, LFM3: ``y = C * conv(B * x)``) mix tokens only in
+that causal convolution: the same halo exchange makes them exact.
+
+Everything else in these layers (projections, the padding mask, the gated norm) is per token. Outside
 SP (one process, P = 1, :func:`ulysses_attn.transparent.unsharded`) the originals run unchanged,
 cached generation included. Refused under SP, with an error: a cache (``use_cache=True``,
 generation), packed rows (``cu_seq_lens`` or restarting ``position_ids``), value heads that P does
@@ -45,6 +48,7 @@ from .state import STATE, active_sp
 __all__ = [
     "EXACT_LAYERS",
     "is_gated_delta_net",
+    "is_linear_mixer",
     "is_exact",
     "make_exact",
     "halo_from_previous",
@@ -54,70 +58,92 @@ __all__ = [
     "sp_gated_delta_rule",
 ]
 
-# the GDN layer classes whose forward was read and parity-tested (transformers 5.25): every token
-# mixing of theirs goes through the two kernel functions below
-EXACT_LAYERS = frozenset(
-    {
-        "transformers.models.qwen3_next.modeling_qwen3_next.Qwen3NextGatedDeltaNet",
-        "transformers.models.qwen3_5.modeling_qwen3_5.Qwen3_5GatedDeltaNet",
-        "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe.Qwen3_5MoeGatedDeltaNet",
-    }
-)
 CONV = "causal_conv1d_forward"
 RULE = "chunk_gated_delta_rule"
+_GDN = (CONV, RULE)
+_SHORT_CONV = (CONV,)
+# the layer classes whose forward was read and parity-tested (transformers 5.25), with the kernel
+# functions every token mixing of theirs goes through: the gated delta-nets (a causal conv and the delta
+# rule) and LFM2's short convolutions (``y = C * conv(B * x)``, only the conv mixes tokens)
+EXACT_LAYERS: dict[str, tuple[str, ...]] = {
+    "transformers.models.qwen3_next.modeling_qwen3_next.Qwen3NextGatedDeltaNet": _GDN,
+    "transformers.models.qwen3_5.modeling_qwen3_5.Qwen3_5GatedDeltaNet": _GDN,
+    "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe.Qwen3_5MoeGatedDeltaNet": _GDN,
+    "transformers.models.lfm2.modeling_lfm2.Lfm2ShortConv": _SHORT_CONV,
+    "transformers.models.lfm2_moe.modeling_lfm2_moe.Lfm2MoeShortConv": _SHORT_CONV,
+    "transformers.models.lfm3.modeling_lfm3.Lfm3ShortConv": _SHORT_CONV,
+}
 _RECORDS = {
-    CONV: "transformers.GatedDeltaNet._kernel_funcs.causal_conv1d_forward",
-    RULE: "transformers.GatedDeltaNet._kernel_funcs.chunk_gated_delta_rule",
+    (_GDN, CONV): "transformers.GatedDeltaNet._kernel_funcs.causal_conv1d_forward",
+    (_GDN, RULE): "transformers.GatedDeltaNet._kernel_funcs.chunk_gated_delta_rule",
+    (_SHORT_CONV, CONV): "transformers.ShortConv._kernel_funcs.causal_conv1d_forward",
 }
 _CHECK = "torch.nn.Module.register_forward_pre_hook"
 _CHECKED = "_ulysses_gdn_checked"
 _PACKED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens", "seq_idx")
 
 
-def is_gated_delta_net(module: torch.nn.Module) -> bool:
-    """``module`` is one of the GDN layer classes this module makes exact (:data:`EXACT_LAYERS`)."""
+def _kernels_of(module: torch.nn.Module) -> tuple[str, ...]:
     cls = type(module)
-    return f"{cls.__module__}.{cls.__qualname__}" in EXACT_LAYERS
+    return EXACT_LAYERS.get(f"{cls.__module__}.{cls.__qualname__}", ())
+
+
+def is_gated_delta_net(module: torch.nn.Module) -> bool:
+    """``module`` is one of the gated delta-net classes this module makes exact."""
+    return _kernels_of(module) == _GDN
+
+
+def is_linear_mixer(module: torch.nn.Module) -> bool:
+    """``module`` is one of the layer classes this module makes exact (:data:`EXACT_LAYERS`): a gated
+    delta-net or a short convolution."""
+    return bool(_kernels_of(module))
 
 
 def _kernel_funcs(module: torch.nn.Module) -> dict[str, torch.nn.Module] | None:
-    """The layer's private kernel wrappers (set by ``kernels.use_kernelized_func``), if it has both."""
+    """The layer's private kernel wrappers (set by ``kernels.use_kernelized_func``), if it has all it needs."""
     funcs = vars(module).get("_kernel_funcs")
-    if not isinstance(funcs, dict) or CONV not in funcs or RULE not in funcs:
+    if not isinstance(funcs, dict) or not all(name in funcs for name in _kernels_of(module)):
         return None
     return funcs
 
 
 def is_exact(module: torch.nn.Module) -> bool:
-    """``module`` is a GDN layer whose two kernel functions are the sequence-parallel ones now."""
-    funcs = _kernel_funcs(module) if is_gated_delta_net(module) else None
-    return funcs is not None and all(patches.is_replaced(funcs[name], "forward") for name in (CONV, RULE))
+    """``module`` is a layer of :data:`EXACT_LAYERS` whose kernel functions are the sequence-parallel ones now."""
+    names = _kernels_of(module)
+    funcs = _kernel_funcs(module) if names else None
+    return funcs is not None and all(patches.is_replaced(funcs[name], "forward") for name in names)
 
 
 def make_exact(model: torch.nn.Module) -> int:
-    """Put the sequence-parallel convolution and delta rule into every GDN layer of ``model`` and a
-    per-forward check on the decoder layers holding them (idempotent; :func:`ulysses_attn.disable`
-    undoes it). Returns the number of GDN layers that are exact."""
+    """Put the sequence-parallel kernels into every layer of :data:`EXACT_LAYERS` in ``model`` (GDN:
+    convolution and delta rule; short conv: convolution) and a per-forward check on the decoder layers
+    holding them (idempotent; :func:`ulysses_attn.disable` undoes it). Returns the number of layers
+    that are exact."""
     count = 0
     for layer in decoder_layers(model):
-        gdns = [m for m in layer.modules() if is_gated_delta_net(m) and _kernel_funcs(m) is not None]
-        for gdn in gdns:
-            _install_kernels(gdn)
-        if gdns and not vars(layer).get(_CHECKED, False):
-            _install_check(layer, gdns)
-        count += len(gdns)
+        mixers = [m for m in layer.modules() if is_linear_mixer(m) and _kernel_funcs(m) is not None]
+        for mixer in mixers:
+            _install_kernels(mixer)
+        if mixers and not vars(layer).get(_CHECKED, False):
+            _install_check(layer, mixers)
+        count += len(mixers)
     return count
 
 
-def _install_kernels(gdn: torch.nn.Module) -> None:
-    funcs = _kernel_funcs(gdn)
+def _install_kernels(mixer: torch.nn.Module) -> None:
+    names = _kernels_of(mixer)
+    funcs = _kernel_funcs(mixer)
     assert funcs is not None
-    for name, make in ((CONV, sp_causal_conv), (RULE, sp_gated_delta_rule)):
+    makers: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
+        CONV: functools.partial(sp_causal_conv, mixes_layer=names == _SHORT_CONV),
+        RULE: sp_gated_delta_rule,
+    }
+    for name in names:
         wrapper = funcs[name]
         if not patches.is_replaced(wrapper, "forward"):
             # a bound method, as kernels expects of a kernel function's forward (it reads ``forward.__func__``)
-            forward = _ignore_self(make(wrapper.forward))
-            patches.replace(_RECORDS[name], wrapper, "forward", types.MethodType(forward, wrapper))
+            forward = _ignore_self(makers[name](wrapper.forward))
+            patches.replace(_RECORDS[names, name], wrapper, "forward", types.MethodType(forward, wrapper))
 
 
 def _ignore_self(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -131,8 +157,8 @@ def _ignore_self(fn: Callable[..., Any]) -> Callable[..., Any]:
     return forward
 
 
-def _install_check(layer: torch.nn.Module, gdns: list[torch.nn.Module]) -> None:
-    handle = layer.register_forward_pre_hook(functools.partial(_check_forward, gdns), with_kwargs=True)
+def _install_check(layer: torch.nn.Module, mixers: list[torch.nn.Module]) -> None:
+    handle = layer.register_forward_pre_hook(functools.partial(_check_forward, mixers), with_kwargs=True)
     vars(layer)[_CHECKED] = True
 
     def undo() -> None:
@@ -142,28 +168,30 @@ def _install_check(layer: torch.nn.Module, gdns: list[torch.nn.Module]) -> None:
     patches.track(_CHECK, layer, undo)
 
 
-def _check_forward(gdns: list[torch.nn.Module], layer: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-    """Before each SP forward of a decoder layer holding GDN layers: their sequence-parallel kernels
-    are still in place (``kernels.kernelize`` replaces the same functions), and the rows are not packed."""
+def _check_forward(mixers: list[torch.nn.Module], layer: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """Before each SP forward of a decoder layer holding layers of :data:`EXACT_LAYERS`: their
+    sequence-parallel kernels are still in place (``kernels.kernelize`` replaces the same functions),
+    and the rows are not packed."""
     sp = active_sp()
     if sp is None or sp.size == 1:
         return
-    for gdn in gdns:
-        if not is_exact(gdn):
+    for mixer in mixers:
+        if not is_exact(mixer):
             raise NotImplementedError(
-                f"ulysses_flash: the kernel functions of {type(gdn).__name__} were replaced after the package made "
+                f"ulysses_flash: the kernel functions of {type(mixer).__name__} were replaced after the package made "
                 "them sequence-parallel (kernels.kernelize?), so the layer would mix only its rank's shard. Kernelize "
                 "before the first sequence-parallel forward, or train without sequence parallelism (sp_size=1)."
             )
     hidden = kwargs.get("hidden_states", args[0] if args else None)
     positions = kwargs.get("position_ids")
     if isinstance(hidden, torch.Tensor) and isinstance(positions, torch.Tensor):
-        _refuse_restarting_positions(positions, hidden.shape[0], hidden.shape[1], sp, type(gdns[0]).__name__)
+        _refuse_restarting_positions(positions, hidden.shape[0], hidden.shape[1], sp, type(mixers[0]).__name__)
 
 
 def _refuse_restarting_positions(positions: torch.Tensor, batch: int, seq_local: int, sp, layer: str) -> None:
-    """Packed documents (``position_ids`` restarting inside a row) are refused: the GDN kernels here
-    run each row as one sequence. The full sequence's layout is built once per forward (cached)."""
+    """Packed documents (``position_ids`` restarting inside a row) are refused: the convolution and
+    delta-rule kernels here run each row as one sequence. The full sequence's layout is built once
+    per forward (cached)."""
     rows = positions.expand(batch, -1)
     layout = cached_layout(
         (positions, None, None),
@@ -177,7 +205,7 @@ def _refuse_restarting_positions(positions: torch.Tensor, batch: int, seq_local:
 def _packed(layer: str) -> NotImplementedError:
     return NotImplementedError(
         f"ulysses_flash: packed rows (position_ids restarting, or cu_seq_lens) in a model with {layer} layers are "
-        "not supported under sequence parallelism yet: their convolution and delta rule would run across the "
+        "not supported under sequence parallelism yet: their convolution (and delta rule) would run across the "
         "document boundaries. Pad the documents into rows of their own, or train without sequence parallelism "
         "(sp_size=1)."
     )
@@ -217,17 +245,21 @@ def halo_from_previous(x: torch.Tensor, width: int, group: Any) -> torch.Tensor:
     return F.pad(before, (width - before.shape[-1], 0))
 
 
-def sp_causal_conv(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+def sp_causal_conv(original: Callable[..., torch.Tensor], mixes_layer: bool = False) -> Callable[..., torch.Tensor]:
     """``causal_conv1d_forward(conv1d, hidden_states [B, C, L], cache, layer_idx, ...)`` that, under
     SP, convolves the shard with the ``k - 1`` positions before it (:func:`halo_from_previous`):
-    the output equals the full sequence's convolution at this shard's positions."""
+    the output equals the full sequence's convolution at this shard's positions. ``mixes_layer``:
+    the conv is its layer's only token mixing (a short-conv layer), counted as the layer's mixing
+    call for the guards' layer watch."""
 
     def causal_conv1d_forward(conv1d, hidden_states, cache=None, layer_idx=0, *args, **kwargs):
         sp = _sp(active_sp())
         if sp is None:
             return original(conv1d, hidden_states, cache, layer_idx, *args, **kwargs)
-        _refuse_cache(cache, type(conv1d).__name__ + " of a gated delta-net")
-        _refuse_packed_kwargs(kwargs, "gated delta-net")
+        _refuse_cache(cache, "a causal convolution layer")
+        _refuse_packed_kwargs(kwargs, "causal convolution")
+        if mixes_layer:
+            STATE.attention_calls += 1
         width = conv1d.kernel_size[0] - 1
         halo = halo_from_previous(hidden_states, width, sp.group)
         out = original(

@@ -203,7 +203,7 @@ PATCHES: dict[str, Patch] = {
             "transparent mode: the models a trainer sets up after __init__ (TRL's reference models) are made "
             "transparent before each loss; sharded path: a logits loss set after __init__ is refused, not silent",
             "a Trainer hook after the subclass's __init__",
-            "tests/test_trl.py::test_kto_and_reward_trainers_transparent_p2",
+            "tests/test_trl.py::test_own_loss_trainers_transparent_p2",
         ),
         _p(
             "transformers.GradientCheckpointingLayer._gradient_checkpointing_func",
@@ -249,6 +249,15 @@ PATCHES: dict[str, Patch] = {
             "from the previous ranks under SP (halo exchange)",
             "a sequence-parallel hook for the kernel functions of linear-attention layers",
             "tests/test_linear_attention.py::test_gated_delta_net_models_sp_equal_one_process",
+        ),
+        _p(
+            "transformers.ShortConv._kernel_funcs.causal_conv1d_forward",
+            "transformers",
+            ">=5.25,<6",
+            "a short-convolution layer's causal conv (LFM2, LFM2-MoE, LFM3) gets the k-1 positions before its "
+            "shard from the previous ranks under SP (halo exchange)",
+            "a sequence-parallel hook for the kernel functions of linear-attention layers",
+            "tests/test_linear_attention.py::test_short_conv_models_sp_equal_one_process",
         ),
         _p(
             "transformers.GatedDeltaNet._kernel_funcs.chunk_gated_delta_rule",
