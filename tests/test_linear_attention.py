@@ -31,10 +31,25 @@ MODELS = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")
 LAYERS = ["linear_attention", "full_attention", "linear_attention"]
 SHORT_CONV_MODELS = ("lfm2", "lfm2_moe", "lfm3")
 SHORT_CONV_LAYERS = ["conv", "full_attention", "conv"]
+# Mamba-2 hybrids: mamba / attention / mamba layers, 32-token SSD chunks (the scan crosses chunks)
+MAMBA_MODELS = {
+    "bamba": dict(num_hidden_layers=3, attn_layer_indices=[1], mamba_chunk_size=32),
+    "granitemoehybrid": dict(num_hidden_layers=3, layer_types=["mamba", "attention", "mamba"], mamba_chunk_size=32),
+    "nemotron_h": dict(layers_block_type=["mamba", "attention", "mamba"], mamba_num_heads=8, chunk_size=32),
+    "falcon_h1": dict(mamba_chunk_size=32, mamba_d_ssm=32),  # every layer runs attention and Mamba-2 side by side
+    "zamba2": dict(chunk_size=32),  # a Mamba-2 layer, then one with the shared attention block
+}
 
 
 def _config(model_type: str, **overrides):
     cfg = tiny_config(model_type)
+    if model_type in MAMBA_MODELS:
+        changes = {**MAMBA_MODELS[model_type], **overrides}
+        if "num_hidden_layers" in changes or "layers_block_type" in changes:  # kinds derived in __init__
+            return type(cfg)(**{**cfg.to_dict(), **changes})
+        for k, v in changes.items():
+            setattr(cfg, k, v)
+        return cfg
     layers = SHORT_CONV_LAYERS if model_type in SHORT_CONV_MODELS else LAYERS
     cfg.num_hidden_layers, cfg.layer_types = len(layers), list(layers)
     if hasattr(cfg, "full_attn_idxs"):  # LFM2 keeps its layer kinds in both fields
@@ -240,11 +255,12 @@ def _refusal_worker(rank, world):
         with pytest.raises(NotImplementedError) as info:
             model(**inputs)
         messages[name] = str(info.value)
-    lfm2 = build(_config("lfm2"), "ulysses_flash")
-    for name, inputs in (("short conv packed", shard), ("short conv cache", cases["cache"])):
-        with pytest.raises(NotImplementedError) as info:
-            lfm2(**inputs)
-        messages[name] = str(info.value)
+    for kind in ("lfm2", "bamba"):
+        other = build(_config(kind), "ulysses_flash")
+        for name, inputs in ((f"{kind} packed", shard), (f"{kind} cache", cases["cache"])):
+            with pytest.raises(NotImplementedError) as info:
+                other(**inputs)
+            messages[name] = str(info.value)
     odd = build(_config("qwen3_next", linear_num_value_heads=3, linear_num_key_heads=1), "ulysses_flash")
     with pytest.raises(NotImplementedError) as info:
         odd(**shard_batch({"input_ids": ids, "use_cache": False}))
@@ -263,9 +279,39 @@ def _refusal_worker(rank, world):
 
 def test_packed_and_cached_forwards_are_refused():
     for messages, same_tokens, logits_err in run_distributed(_refusal_worker, 2):
-        for name in ("packed", "packed positions only", "short conv packed"):
+        for name in ("packed", "packed positions only", "lfm2 packed", "bamba packed"):
             assert "packed rows" in messages[name] and "sp_size=1" in messages[name], messages[name]
-        for name in ("cache", "short conv cache"):
+        for name in ("cache", "lfm2 cache", "bamba cache"):
             assert "use_cache=False" in messages[name] and "unsharded()" in messages[name], messages[name]
         assert "3 value heads" in messages["heads"] and "size 2" in messages["heads"], messages["heads"]
         assert same_tokens and logits_err < 1e-6
+
+
+def _mamba2_worker(rank, world):
+    ulysses_attn.init_sequence_parallel(world)
+    # training mode with checkpointing: the mixer first asks the fused conv+scan kernel (off under SP)
+    return {(mt, kind, dtype): _parity(mt, kind, world, dtype)
+            for dtype in (torch.float64, torch.float32) for mt in MAMBA_MODELS for kind in ("plain", "padded")
+            } | {("bamba", "plain", "checkpointing"): _parity("bamba", "plain", world, torch.float32, True)}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_mamba2_hybrids_sp_equal_one_process(world):
+    """Bamba, Granite-4 hybrid (granitemoehybrid), Nemotron-H, Falcon-H1 and Zamba2 (Mamba-2 +
+    attention layers; one B/C group, so it is replicated over the ranks): logits, loss and every gradient (conv weights,
+    ``A_log``, ``D``, ``dt_bias`` included) equal one process; decoder and mixer layers saw ceil(S/P)
+    tokens; both Mamba-2 layers ran the package's scan. transformers' torch scan computes in fp32 even
+    for an fp64 model, so both dtypes are held to fp32's 1e-5 (observed: fp64 <= 1.4e-6, on A_log)."""
+    tol = RTOL[torch.float32]
+    for result in run_distributed(_mamba2_worker, world):
+        for (mt, kind, dtype), r in result.items():
+            assert r["shard_seq"] == -(-_batch(kind)["input_ids"].shape[1] // world)
+            assert r["seen"] == {"layers": {r["shard_seq"]}, "mixer": {r["shard_seq"]}}, (mt, kind, r["seen"])
+            calls = 4 if mt == "falcon_h1" else 3  # 2 scans + 1 attention (Falcon-H1: 2 + 2, side by side)
+            calls *= 2 if dtype == "checkpointing" else 1  # the recompute runs them again
+            assert r["exact_layers"] == 2 and r["mixing_calls"] == calls, (mt, kind, r)
+            assert r["loss"] < tol and r["logits"] < tol, (mt, kind, dtype, r["loss"], r["logits"])
+            bad = {n: e for n, e in r["grads"].items() if not e < tol}
+            assert not bad, (mt, kind, dtype, bad)
+            params = (".A_log", ".D", ".dt_bias", ".conv1d.weight")
+            assert all(any(n.endswith(p) for n in r["grads"]) for p in params), mt

@@ -136,6 +136,9 @@ def test_every_kind_of_record_is_covered():
         # a linear-attention layer's private kernel wrappers: tests/test_linear_attention.py checks the seam
         "transformers.GatedDeltaNet._kernel_funcs.causal_conv1d_forward",
         "transformers.ShortConv._kernel_funcs.causal_conv1d_forward",
+        "transformers.Mamba2Mixer._kernel_funcs.causal_conv1d_forward",
+        "transformers.Mamba2Mixer._kernel_funcs.mamba_chunk_scan_combined",
+        "transformers.Mamba2Mixer._kernel_funcs.mamba_split_conv1d_scan_combined",
         "transformers.GatedDeltaNet._kernel_funcs.chunk_gated_delta_rule",
         "llamafactory.CustomDPOTrainer.concatenated_forward",  # LLaMA-Factory runs in its own venv
     }

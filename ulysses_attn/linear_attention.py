@@ -1,4 +1,5 @@
-"""Gated delta-net (linear-attention) and short-convolution layers made exact under sequence parallelism.
+"""Linear-attention layers made exact under sequence parallelism: gated delta-nets, short
+convolutions and Mamba-2 mixers.
 
 Qwen3-Next and Qwen3.5 (dense and MoE) mix full-attention layers with gated delta-net (GDN) layers.
 A GDN layer mixes tokens twice, outside the attention function:
@@ -17,7 +18,10 @@ instance, the two kernel functions transformers routes through the layer (``use_
   chunked kernel runs on them, and its output comes back to ``S/P`` tokens of every head.
 
 LFM2's short-convolution layers (LFM2, LFM2-MoE, LFM3: ``y = C * conv(B * x)``) mix tokens only in
-that causal convolution: the same halo exchange makes them exact.
+that causal convolution: the same halo exchange makes them exact. The Mamba-2 mixers of the hybrids
+(Bamba, Granite-4 hybrid, Nemotron-H, Falcon-H1, Zamba2) have the GDN's shape: a causal conv (halo)
+and the SSD scan, run like the delta rule (:func:`sp_mamba2_chunk_scan`); their fused conv + scan
+training kernel is switched off under SP (:func:`unfused_under_sp`).
 
 Everything else in these layers (projections, the padding mask, the gated norm) is per token. Outside
 SP (one process, P = 1, :func:`ulysses_attn.transparent.unsharded`) the originals run unchanged,
@@ -56,15 +60,22 @@ __all__ = [
     "heads_to_sequence",
     "sequence_to_heads",
     "sp_gated_delta_rule",
+    "sp_mamba2_chunk_scan",
+    "unfused_under_sp",
 ]
 
 CONV = "causal_conv1d_forward"
 RULE = "chunk_gated_delta_rule"
+SCAN = "mamba_chunk_scan_combined"
+FUSED = "mamba_split_conv1d_scan_combined"
 _GDN = (CONV, RULE)
 _SHORT_CONV = (CONV,)
+_MAMBA2 = (CONV, SCAN, FUSED)
 # the layer classes whose forward was read and parity-tested (transformers 5.25), with the kernel
 # functions every token mixing of theirs goes through: the gated delta-nets (a causal conv and the delta
-# rule) and LFM2's short convolutions (``y = C * conv(B * x)``, only the conv mixes tokens)
+# rule), LFM2's short convolutions (``y = C * conv(B * x)``, only the conv mixes tokens) and the
+# Mamba-2 mixers of the hybrids (a causal conv and the SSD scan; their fused conv+scan training kernel
+# is turned off under SP so that both go through the two seams)
 EXACT_LAYERS: dict[str, tuple[str, ...]] = {
     "transformers.models.qwen3_next.modeling_qwen3_next.Qwen3NextGatedDeltaNet": _GDN,
     "transformers.models.qwen3_5.modeling_qwen3_5.Qwen3_5GatedDeltaNet": _GDN,
@@ -72,11 +83,19 @@ EXACT_LAYERS: dict[str, tuple[str, ...]] = {
     "transformers.models.lfm2.modeling_lfm2.Lfm2ShortConv": _SHORT_CONV,
     "transformers.models.lfm2_moe.modeling_lfm2_moe.Lfm2MoeShortConv": _SHORT_CONV,
     "transformers.models.lfm3.modeling_lfm3.Lfm3ShortConv": _SHORT_CONV,
+    "transformers.models.bamba.modeling_bamba.BambaMixer": _MAMBA2,
+    "transformers.models.nemotron_h.modeling_nemotron_h.NemotronHMamba2Mixer": _MAMBA2,
+    "transformers.models.granitemoehybrid.modeling_granitemoehybrid.GraniteMoeHybridMambaLayer": _MAMBA2,
+    "transformers.models.falcon_h1.modeling_falcon_h1.FalconH1Mixer": _MAMBA2,
+    "transformers.models.zamba2.modeling_zamba2.Zamba2MambaMixer": _MAMBA2,
 }
 _RECORDS = {
     (_GDN, CONV): "transformers.GatedDeltaNet._kernel_funcs.causal_conv1d_forward",
     (_GDN, RULE): "transformers.GatedDeltaNet._kernel_funcs.chunk_gated_delta_rule",
     (_SHORT_CONV, CONV): "transformers.ShortConv._kernel_funcs.causal_conv1d_forward",
+    (_MAMBA2, CONV): "transformers.Mamba2Mixer._kernel_funcs.causal_conv1d_forward",
+    (_MAMBA2, SCAN): "transformers.Mamba2Mixer._kernel_funcs.mamba_chunk_scan_combined",
+    (_MAMBA2, FUSED): "transformers.Mamba2Mixer._kernel_funcs.mamba_split_conv1d_scan_combined",
 }
 _CHECK = "torch.nn.Module.register_forward_pre_hook"
 _CHECKED = "_ulysses_gdn_checked"
@@ -137,6 +156,8 @@ def _install_kernels(mixer: torch.nn.Module) -> None:
     makers: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
         CONV: functools.partial(sp_causal_conv, mixes_layer=names == _SHORT_CONV),
         RULE: sp_gated_delta_rule,
+        SCAN: sp_mamba2_chunk_scan,
+        FUSED: unfused_under_sp,
     }
     for name in names:
         wrapper = funcs[name]
@@ -280,13 +301,14 @@ def sequence_to_heads(x: torch.Tensor, group: Any) -> torch.Tensor:
     return gather_heads_scatter_seq(x.transpose(1, 2), group).transpose(1, 2).contiguous()
 
 
-def key_replication(value_heads: int, key_heads: int, sp_size: int) -> int:
+def key_replication(value_heads: int, key_heads: int, sp_size: int, layer: str = "a gated delta-net layer") -> int:
     """How many times each q/k head is repeated so that the q/k heads split over ``sp_size`` ranks
     with every rank's value heads finding theirs locally (k head i serves the consecutive value heads
-    ``[i * Hv/Hk, (i + 1) * Hv/Hk)``); raises when P does not divide the value heads."""
+    ``[i * Hv/Hk, (i + 1) * Hv/Hk)``); raises when P does not divide the value heads. A Mamba-2
+    mixer's B/C groups are its key heads, its heads the value heads."""
     if value_heads % sp_size or value_heads % key_heads:
         raise NotImplementedError(
-            f"ulysses_flash: a gated delta-net layer with {value_heads} value heads ({key_heads} key heads) cannot "
+            f"ulysses_flash: {layer} with {value_heads} value heads ({key_heads} key heads) cannot "
             f"split its heads over sequence-parallel size {sp_size}. Use an SP size that divides {value_heads}: "
             f"{[p for p in range(1, value_heads + 1) if value_heads % p == 0]}."
         )
@@ -316,3 +338,45 @@ def sp_gated_delta_rule(original: Callable[..., Any]) -> Callable[..., Any]:
         return sequence_to_heads(out, sp.group), None
 
     return chunk_gated_delta_rule
+
+
+def sp_mamba2_chunk_scan(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``mamba_chunk_scan_combined(x [B, S/P, H, D], dt [B, S/P, H], A [H], B, C [B, S/P, G, N],
+    chunk_size, D=, dt_bias=, ...)`` that, under SP, runs ``original`` on the full sequence for this
+    rank's ``H/P`` heads (Ulysses: x, dt, B, C through an all-to-all, the per-head ``A``, ``D`` and
+    ``dt_bias`` sliced to those heads) and returns this shard's output of every head; no final state
+    (that needs a cache, refused)."""
+
+    def mamba_chunk_scan_combined(hidden_states, dt, A, B, C, chunk_size, *args, **kwargs):
+        sp = _sp(active_sp())
+        if sp is None:
+            return original(hidden_states, dt, A, B, C, chunk_size, *args, **kwargs)
+        if kwargs.get("initial_states") is not None or kwargs.get("return_final_states"):
+            _refuse_cache(True, "a Mamba-2 mixer")
+        _refuse_packed_kwargs(kwargs, "Mamba-2")
+        if args:
+            raise TypeError("mamba_chunk_scan_combined under sequence parallelism takes its options as keywords")
+        heads = hidden_states.shape[2]
+        rep = key_replication(heads, B.shape[2], sp.size, "a Mamba-2 mixer")
+        if rep > 1:
+            B, C = (t.repeat_interleave(rep, dim=2) for t in (B, C))
+        x, step, b, c = (heads_to_sequence(t, sp.group) for t in (hidden_states, dt, B, C))
+        local = heads // sp.size
+        mine = slice(dist.get_rank(sp.group) * local, (dist.get_rank(sp.group) + 1) * local)
+        per_head = {k: kwargs[k][mine] for k in ("D", "dt_bias") if kwargs.get(k) is not None}
+        STATE.attention_calls += 1  # the layer mixed its tokens through the package (guards' layer watch)
+        out = original(x, step, A[mine], b, c, chunk_size, **{**kwargs, **per_head})
+        return sequence_to_heads(out, sp.group)
+
+    return mamba_chunk_scan_combined
+
+
+def unfused_under_sp(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``mamba_split_conv1d_scan_combined`` (the fused conv + scan training kernel, when one is
+    installed) that returns ``None`` under SP: the mixer then takes its unfused path, whose conv and
+    scan are the sequence-parallel ones (transformers' torch fallback always returns ``None``)."""
+
+    def mamba_split_conv1d_scan_combined(*args, **kwargs):
+        return None if _sp(active_sp()) is not None else original(*args, **kwargs)
+
+    return mamba_split_conv1d_scan_combined

@@ -260,6 +260,33 @@ PATCHES: dict[str, Patch] = {
             "tests/test_linear_attention.py::test_short_conv_models_sp_equal_one_process",
         ),
         _p(
+            "transformers.Mamba2Mixer._kernel_funcs.causal_conv1d_forward",
+            "transformers",
+            ">=5.25,<6",
+            "a Mamba-2 mixer's causal conv (Bamba, Nemotron-H, Granite-4 hybrid) gets the k-1 positions before its "
+            "shard from the previous ranks under SP (halo exchange)",
+            "a sequence-parallel hook for the kernel functions of linear-attention layers",
+            "tests/test_linear_attention.py::test_mamba2_hybrids_sp_equal_one_process",
+        ),
+        _p(
+            "transformers.Mamba2Mixer._kernel_funcs.mamba_chunk_scan_combined",
+            "transformers",
+            ">=5.25,<6",
+            "a Mamba-2 mixer's SSD scan runs over the full sequence for H/P heads under SP (all-to-all in and out, "
+            "as attention)",
+            "a sequence-parallel hook for the kernel functions of linear-attention layers",
+            "tests/test_linear_attention.py::test_mamba2_hybrids_sp_equal_one_process",
+        ),
+        _p(
+            "transformers.Mamba2Mixer._kernel_funcs.mamba_split_conv1d_scan_combined",
+            "transformers",
+            ">=5.25,<6",
+            "a Mamba-2 mixer's fused conv + scan training kernel (when one is installed) would run on the shard "
+            "alone: under SP it returns None, so the mixer takes its unfused path through the two seams above",
+            "a sequence-parallel hook for the kernel functions of linear-attention layers",
+            "tests/test_linear_attention.py::test_mamba2_hybrids_sp_equal_one_process",
+        ),
+        _p(
             "transformers.GatedDeltaNet._kernel_funcs.chunk_gated_delta_rule",
             "transformers",
             ">=5.25,<6",
