@@ -46,7 +46,14 @@ def tiny_model(arch: str, vocab_size: int, attn: str, seed: int, tie: bool = Fal
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
                   use_cache=False, tie_word_embeddings=tie)
-    config = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch](**common)
+    if arch == "qwen3_5_text":  # a hybrid: a gated delta-net layer, then a full-attention one
+        from transformers import Qwen3_5TextConfig
+
+        config = Qwen3_5TextConfig(**common, layer_types=["linear_attention", "full_attention"],
+                                   linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
+                                   linear_value_head_dim=16, linear_conv_kernel_dim=4)
+    else:
+        config = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch](**common)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
 
@@ -185,7 +192,7 @@ def main():
     p.add_argument("--output_dir", required=True)
     p.add_argument("--attn", default="sdpa", help='attn_implementation, e.g. "ulysses_flash"')
     p.add_argument("--model_name_or_path", default=None)
-    p.add_argument("--arch", default="llama", choices=["llama", "qwen2"])
+    p.add_argument("--arch", default="llama", choices=["llama", "qwen2", "qwen3_5_text"])
     p.add_argument("--data", default=os.path.join(HERE, "data", "tiny_corpus.jsonl"))
     p.add_argument("--max_length", type=int, default=256)
     p.add_argument("--packed", action="store_true", help="padding-free batches (DataCollatorWithFlattening)")

@@ -62,6 +62,14 @@ def test_sp4_qwen2_through_accelerate_launch(tmp_path, baselines):
     assert_same_training(sp_run, ref, 4)
 
 
+def test_sp2_qwen3_5_hybrid_under_the_launcher(tmp_path, baselines):
+    # Qwen3.5: a gated delta-net layer (conv by halo exchange, delta rule by all-to-all) and an attention layer
+    ref = baselines("qwen3_5", extra=["--arch", "qwen3_5_text", "--eval"])
+    # the script asks for sdpa (its default): the launcher selects ulysses_flash
+    sp_run = run(tmp_path, nproc=2, sp=2, attn=None, extra=["--arch", "qwen3_5_text", "--eval"])
+    assert_same_training(sp_run, ref, 2)
+
+
 def test_launch_without_distributed_is_a_clear_error(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "ulysses_attn.launch", "--sp-size", "2", SCRIPT, "--output_dir", str(tmp_path)]

@@ -53,6 +53,7 @@ __all__ = [
     "EXACT_LAYERS",
     "is_gated_delta_net",
     "is_linear_mixer",
+    "defines_exact_layers",
     "is_exact",
     "make_exact",
     "halo_from_previous",
@@ -105,6 +106,14 @@ _PACKED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens", "seq_idx")
 def _kernels_of(module: torch.nn.Module) -> tuple[str, ...]:
     cls = type(module)
     return EXACT_LAYERS.get(f"{cls.__module__}.{cls.__qualname__}", ())
+
+
+def defines_exact_layers(model_class: type) -> bool:
+    """``model_class`` comes from a modeling file that defines a layer of :data:`EXACT_LAYERS` (the
+    hybrid families: their attention goes through the AttentionInterface, though some leave
+    ``_supports_attention_backend`` unset; the layer watch checks each decoder layer at the first
+    SP forward)."""
+    return any(path.rsplit(".", 1)[0] == model_class.__module__ for path in EXACT_LAYERS)
 
 
 def is_gated_delta_net(module: torch.nn.Module) -> bool:

@@ -17,7 +17,7 @@ from packaging.specifiers import SpecifierSet
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from . import guards, patches
+from . import guards, linear_attention, patches
 from .attention import ulysses_flash_attention, ulysses_flash_mask
 from .models import ATTN_IMPLEMENTATION
 from .state import STATE
@@ -74,7 +74,8 @@ def _selected_backend(model, requested):
     if not (requested is None or requested in _KERNEL_ASKED):
         return requested  # a per-sub-model dict or a Hub kernel: the script chose deliberately
     cls = type(model)
-    if not (getattr(cls, "_supports_flash_attn", False) and getattr(cls, "_supports_attention_backend", False)):
+    interface = getattr(cls, "_supports_attention_backend", False) or linear_attention.defines_exact_layers(cls)
+    if not (getattr(cls, "_supports_flash_attn", False) and interface):
         return requested
     if STATE.preferred_kernel is None and requested is not None:
         STATE.preferred_kernel = _KERNEL_ASKED[requested]
